@@ -1,0 +1,13 @@
+"""sparseinfer: a sparse inference engine for BERT-family transformer models, in Python with Numba.
+
+    import sparseinfer
+    engine = sparseinfer.Engine("model.onnx")
+    logits, = engine(inputs)
+"""
+
+from .graph import ModelLoadError, UnsupportedOpError, import_onnx
+from .runtime import Engine, InputError
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["Engine", "InputError", "ModelLoadError", "UnsupportedOpError", "import_onnx", "__version__"]
