@@ -220,20 +220,14 @@ def learn_wordpiece_vocab(words: collections.Counter, vocab_size: int, specials:
 
 def train_wordpiece() -> Tokenizer:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True
-    )
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words: collections.Counter = collections.Counter()
     for line in corpus_lines():
         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
             words[word] += 1
     vocab = learn_wordpiece_vocab(words, VOCAB_SIZE, specials)
-    tok = Tokenizer(
-        models.WordPiece(
-            vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100
-        )
-    )
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
     assert [tok.token_to_id(t) for t in specials] == [0, 1, 2, 3, 4]
@@ -598,9 +592,7 @@ def export_dynamo(model, arch: str, head: str, path: Path, opset: int, example) 
     args = tuple(example[: len(inputs)])
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("sequence", min=2, max=MAX_LEN)
-    dynamic_shapes = {
-        name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")[: len(inputs)]
-    }
+    dynamic_shapes = {name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")[: len(inputs)]}
     with warnings.catch_warnings(record=True) as caught, tuple_outputs(model):
         warnings.simplefilter("always")
         program = torch.onnx.export(
@@ -728,10 +720,7 @@ def main() -> int:
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     torch.set_num_threads(1)
-    print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, "
-        f"onnxruntime {ort.__version__}"
-    )
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}")
 
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -768,14 +757,10 @@ def main() -> int:
             export_example = random_batch(arch, vocab_size, 2, 8, SEED + 100, pad_id, special)
             check_example = random_batch(arch, vocab_size, 2, 9, SEED + 200 + a_index, pad_id, special)
             inputs, outputs = io_names(arch, head)
-            feeds = dict(
-                zip(("input_ids", "attention_mask", "token_type_ids"), (t.numpy() for t in check_example))
-            )
+            feeds = dict(zip(("input_ids", "attention_mask", "token_type_ids"), (t.numpy() for t in check_example)))
             expected = torch_outputs(model, arch, head, *check_example)
 
-            exports = [
-                (f"model-opset{op}.onnx" if op != 17 else "model.onnx", op, "torchscript") for op in OPSETS
-            ]
+            exports = [(f"model-opset{op}.onnx" if op != 17 else "model.onnx", op, "torchscript") for op in OPSETS]
             if arch == "bert" and head == "sequence-classification":
                 exports.append((f"model-dynamo-opset{DYNAMO_OPSET}.onnx", DYNAMO_OPSET, "dynamo"))
 
@@ -806,8 +791,7 @@ def main() -> int:
                         "inputs": inputs,
                         "outputs": outputs,
                         "output_shapes": {
-                            o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-                            for o in proto.graph.output
+                            o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output
                         },
                         "num_labels": None if head == "question-answering" else model.config.num_labels,
                         "op_types": op_histogram(proto),

@@ -1,8 +1,8 @@
 """sparseinfer: a sparse inference engine for BERT-family transformer models, in Python with Numba.
 
-    import sparseinfer
-    engine = sparseinfer.Engine("model.onnx")
-    logits, = engine(inputs)
+import sparseinfer
+engine = sparseinfer.Engine("model.onnx")
+logits, = engine(inputs)
 """
 
 from .graph import ModelLoadError, UnsupportedOpError, import_onnx

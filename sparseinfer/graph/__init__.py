@@ -8,6 +8,17 @@ from .registry import UnsupportedOpError, supported_ops
 from .shapes import ShapeError, infer_shapes
 
 __all__ = [
-    "Graph", "GraphError", "Node", "TensorInfo", "Value", "ModelLoadError", "import_onnx",
-    "ReferenceExecutor", "run_graph", "UnsupportedOpError", "supported_ops", "ShapeError", "infer_shapes",
+    "Graph",
+    "GraphError",
+    "Node",
+    "TensorInfo",
+    "Value",
+    "ModelLoadError",
+    "import_onnx",
+    "ReferenceExecutor",
+    "run_graph",
+    "UnsupportedOpError",
+    "supported_ops",
+    "ShapeError",
+    "infer_shapes",
 ]

@@ -34,7 +34,10 @@ _ATTR_TO_INPUT = {
     "Split": [("split", 1, np.int64)],
     "Slice": [("starts", 1, np.int64), ("ends", 2, np.int64), ("axes", 3, np.int64)],
     "Clip": [("min", 1, None), ("max", 2, None)],  # None: the dtype of input 0
-    **{r: [("axes", 1, np.int64)] for r in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare")},
+    **{
+        r: [("axes", 1, np.int64)]
+        for r in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare")
+    },
 }
 # Attributes holding an ONNX element type, stored in the IR as a numpy dtype.
 _DTYPE_ATTRS = {"to", "output_dtype", "dtype"}
@@ -104,7 +107,7 @@ def load_model_proto(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
         raise ModelLoadError(f"{str(path)!r} parsed, but holds no ONNX graph or op-set: it is not an ONNX model (or is truncated)")
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{str(path)!r} refers to external weight data that could not be read: {exc}") from None
     return proto, path.parent
 
@@ -182,7 +185,9 @@ def import_onnx(model: ModelLike, input_shapes: Mapping[str, Sequence[int | str 
 def _override_shape(name: str, info: TensorInfo, shape: Sequence[int | str | None]) -> TensorInfo:
     shape = tuple(shape)
     if info.shape is not None and len(shape) != len(info.shape):
-        raise ValueError(f"input_shapes[{name!r}] = {shape} has rank {len(shape)}, but the model's input has rank {len(info.shape)} ({info})")
+        raise ValueError(
+            f"input_shapes[{name!r}] = {shape} has rank {len(shape)}, but the model's input has rank {len(info.shape)} ({info})"
+        )
     for d, old in zip(shape, info.shape or shape):
         if isinstance(d, int) and isinstance(old, int) and d != old:
             raise ValueError(f"input_shapes[{name!r}] = {shape} conflicts with the model's fixed shape {info.shape}")

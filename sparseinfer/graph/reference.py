@@ -211,7 +211,15 @@ def cast_like(x, target, *, saturate=1):
 
 @register("Constant", since=1)
 def constant(
-    *, value=None, value_float=None, value_floats=None, value_int=None, value_ints=None, value_string=None, value_strings=None, sparse_value=None
+    *,
+    value=None,
+    value_float=None,
+    value_floats=None,
+    value_int=None,
+    value_ints=None,
+    value_string=None,
+    value_strings=None,
+    sparse_value=None,
 ):
     if sparse_value is not None:
         raise UnsupportedOpError("Constant with a sparse_value is not supported")
@@ -404,6 +412,8 @@ def _reduce(name: str, fn, since: int) -> None:
 
 _reduce("ReduceMean", np.mean, since=1)
 _reduce("ReduceSum", np.sum, since=1)
+
+
 def _identity_of(fn, lowest: bool):
     # Reducing an empty set gives the reduction's identity (ONNX: -inf for max, +inf for min).
     def reduce(x, axis, keepdims):

@@ -9,7 +9,6 @@ the pure data-movement ops (Gather, Concat, Slice, …) compute them unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -128,7 +127,11 @@ _SYM_ARITH: dict[str, Callable[[Dim, Dim], Dim]] = {
     "Sub": lambda a, b: a - b if isinstance(a, int) and isinstance(b, int) else (a if b == 0 else None),
     "Div": lambda a, b: (a // b if a % b == 0 else None) if isinstance(a, int) and isinstance(b, int) and b else (a if b == 1 else None),
     # A symbol stands for a size ≥ 1, so it never equals 0 or -1 (the markers reshape chains test for).
-    "Equal": lambda a, b: a == b if isinstance(a, int) and isinstance(b, int) else (False if (isinstance(a, int) and a <= 0) or (isinstance(b, int) and b <= 0) else None),
+    "Equal": lambda a, b: (
+        a == b
+        if isinstance(a, int) and isinstance(b, int)
+        else (False if (isinstance(a, int) and a <= 0) or (isinstance(b, int) and b <= 0) else None)
+    ),
 }
 # Ops whose reference function only moves elements around, so it works on object arrays.
 _MOVERS = {"Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Reshape", "Identity", "Expand", "Where", "Transpose", "Flatten"}
@@ -160,7 +163,9 @@ def _propagate_value(node: Node, ins: list[np.ndarray | None], infos: list[Tenso
         return [ins[0]] if np.dtype(node.attrs.get("to", _I64) if op == "Cast" else _I64).kind in "iu" else None
     if op in _MOVERS:
         try:
-            out = lookup_version(op, node.version, node.domain).fn(*(c if c is not None and i > 0 else v for i, (v, c) in enumerate(zip(ins, concrete))), **node.attrs)
+            out = lookup_version(op, node.version, node.domain).fn(
+                *(c if c is not None and i > 0 else v for i, (v, c) in enumerate(zip(ins, concrete))), **node.attrs
+            )
         except Exception:
             return None
         return [np.asarray(out, dtype=object)]
@@ -191,8 +196,30 @@ def _same(i: TensorInfo, dtype=None) -> TensorInfo:
     return TensorInfo(dtype if dtype is not None else i.dtype, i.shape)
 
 
-@rule("Abs", "Neg", "Sqrt", "Exp", "Log", "Tanh", "Reciprocal", "Floor", "Ceil", "Sign", "Sin", "Cos", "Relu", "Sigmoid", "Erf",
-      "Identity", "Round", "Gelu", "Softmax", "LogSoftmax", "CumSum", "Trilu")
+@rule(
+    "Abs",
+    "Neg",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Tanh",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Sign",
+    "Sin",
+    "Cos",
+    "Relu",
+    "Sigmoid",
+    "Erf",
+    "Identity",
+    "Round",
+    "Gelu",
+    "Softmax",
+    "LogSoftmax",
+    "CumSum",
+    "Trilu",
+)
 def _unary(node, ins, vals):
     return [_same(ins[0])]
 

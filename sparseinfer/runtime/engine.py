@@ -102,7 +102,9 @@ class Engine:
         if input_shapes is not None and not isinstance(input_shapes, Mapping):
             input_shapes = list(input_shapes)
             if len(input_shapes) != len(graph.inputs):
-                raise ValueError(f"input_shapes lists {len(input_shapes)} shapes, but the model has {len(graph.inputs)} inputs {graph.inputs}")
+                raise ValueError(
+                    f"input_shapes lists {len(input_shapes)} shapes, but the model has {len(graph.inputs)} inputs {graph.inputs}"
+                )
             input_shapes = dict(zip(graph.inputs, input_shapes))
         input_shapes = dict(input_shapes or {})
         unknown = sorted(set(input_shapes) - set(graph.inputs))
@@ -115,7 +117,9 @@ class Engine:
                 new = tuple(int(d) for d in input_shapes[name])
                 if shape is not None:
                     if len(new) != len(shape):
-                        raise ValueError(f"input_shapes[{name!r}] = {list(new)} has rank {len(new)}, but the model's input has rank {len(shape)}")
+                        raise ValueError(
+                            f"input_shapes[{name!r}] = {list(new)} has rank {len(new)}, but the model's input has rank {len(shape)}"
+                        )
                     for old, d in zip(shape, new):
                         if isinstance(old, int) and old != d:
                             raise ValueError(f"input_shapes[{name!r}] = {list(new)} conflicts with the model's fixed shape {list(shape)}")
@@ -156,10 +160,14 @@ class Engine:
             arr = _coerce(name, value, info.dtype)
             if info.shape is not None:
                 if arr.ndim != len(info.shape):
-                    raise InputError(f"input {name!r} must have rank {len(info.shape)} (shape {_fmt(info.shape)}), got shape {list(arr.shape)}")
+                    raise InputError(
+                        f"input {name!r} must have rank {len(info.shape)} (shape {_fmt(info.shape)}), got shape {list(arr.shape)}"
+                    )
                 for axis, (want, got) in enumerate(zip(info.shape, arr.shape)):
                     if isinstance(want, int) and want != got:
-                        raise InputError(f"input {name!r} has shape {list(arr.shape)}, but dim {axis} is fixed to {want} (expected {_fmt(info.shape)})")
+                        raise InputError(
+                            f"input {name!r} has shape {list(arr.shape)}, but dim {axis} is fixed to {want} (expected {_fmt(info.shape)})"
+                        )
                     if isinstance(want, str):
                         if want in bound and bound[want][0] != got:
                             raise InputError(
