@@ -21,12 +21,12 @@ demo: $(VENV)/.installed-core
 	$(PY) -m sparseinfer.demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m ruff check sparseinfer tests benchmarks scripts
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(PY) -m ruff check sparseinfer tests benchmarks scripts
-	$(PY) -m ruff format --check sparseinfer tests benchmarks scripts
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
