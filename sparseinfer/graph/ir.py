@@ -191,9 +191,22 @@ class Graph:
     def set_info(self, name: str, info: TensorInfo) -> None:
         self.value(name).info = info
 
+    def _find(self, node: Node) -> int:
+        """Position of `node`, found by the values it defines (unique in a valid graph), so a node
+        object taken before `replace_uses` rewired its inputs still finds its current version."""
+        key = node.outputs
+        for i, n in enumerate(self._nodes):
+            if n.outputs == key:
+                return i
+        raise GraphError(f"node {node} is not in graph {self.name!r}")
+
+    def current(self, node: Node) -> Node:
+        """The graph's current version of `node` (nodes are immutable: rewiring replaces them)."""
+        return self._nodes[self._find(node)]
+
     def remove_node(self, node: Node) -> None:
         """Remove a node and forget its outputs (they must be unused by then)."""
-        self._nodes.remove(node)
+        del self._nodes[self._find(node)]
         for out in node.outputs:
             if out and out not in self.outputs:
                 self.values.pop(out, None)
@@ -202,7 +215,7 @@ class Graph:
         """Put `new` (one node or several, in order) where `old` was. Outputs of `old` that the
         new nodes also write keep their Value (and info); other new outputs are declared unknown."""
         new_nodes = [new] if isinstance(new, Node) else list(new)
-        idx = self._nodes.index(old)
+        idx = self._find(old)
         kept = {o for n in new_nodes for o in n.outputs}
         for out in old.outputs:
             if out and out not in kept and out not in self.outputs:

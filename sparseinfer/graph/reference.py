@@ -592,6 +592,49 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     return _saturate(y + np.asarray(y_zero_point).astype(np.float64), y_zero_point.dtype)
 
 
+# --------------------------------------------------------------------------- fused ops (domain "sparseinfer")
+# Produced by the fusion passes, never by exporters. Their semantics are defined here in terms
+# of the ONNX ops they replace, which is what the fusion tests check.
+
+ENGINE_DOMAIN = "sparseinfer"
+ACTIVATIONS = {
+    "none": lambda y: y,
+    "gelu": lambda y: 0.5 * y * (1.0 + _erf(y / math.sqrt(2.0)).astype(np.float64)),
+    "gelu_tanh": lambda y: 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y**3))),
+    "tanh": np.tanh,
+    "relu": lambda y: np.maximum(y, 0.0),
+}
+
+
+@register("Dense", domain=ENGINE_DOMAIN)
+def dense(x, w, bias=None, residual=None, *, activation="none"):
+    """activation(x @ w + bias) + residual, with x [..., K] and a constant w [K, N]."""
+    y = np.matmul(x.astype(np.float64), w.astype(np.float64))
+    if bias is not None:
+        y = y + bias
+    y = ACTIVATIONS[activation](y)
+    if residual is not None:
+        y = y + residual
+    return y.astype(x.dtype)
+
+
+@register("Attention", domain=ENGINE_DOMAIN)
+def attention(q, k, v, mask=None, *, num_heads, scale):
+    """Multi-head scaled dot-product attention on [B, S, H*D] projections; `mask` is added to the
+    scores and broadcasts to [B, H, S, S]. Returns [B, S, H*D]."""
+    b, s, hd = q.shape
+    d = hd // num_heads
+
+    def heads(t):
+        return t.astype(np.float64).reshape(b, t.shape[1], num_heads, d).transpose(0, 2, 1, 3)
+
+    scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) * scale
+    if mask is not None:
+        scores = scores + mask
+    probs = _softmax(scores, -1)
+    return (probs @ heads(v)).transpose(0, 2, 1, 3).reshape(b, s, hd).astype(q.dtype)
+
+
 # --------------------------------------------------------------------------- the executor
 
 

@@ -423,7 +423,15 @@ def _slice(node, ins, vals):
 
 def _slice_dim(dim: Dim, start: Dim, end: Dim, step: Dim) -> Dim:
     if all(isinstance(v, (int, np.integer)) for v in (dim, start, end, step)):
-        return len(range(dim)[slice(int(start), int(end), int(step))])
+        dim, start, end, step = int(dim), int(start), int(end), int(step)
+        # ONNX clamping, not Python's: with a negative step a start before the beginning clamps
+        # to 0 (one element), where range(dim)[start:end:step] would be empty.
+        start, end = start + dim if start < 0 else start, end + dim if end < 0 else end
+        if step > 0:
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        return len(range(start, end, step))
     if start == 0 and step == 1:
         if isinstance(end, (int, np.integer)) and end >= 2**31 - 1:
             return dim  # "to the end": the whole (symbolic) dim
@@ -567,6 +575,17 @@ def _dynamic_quantize(node, ins, vals):
     return [_same(ins[0], np.uint8), TensorInfo(np.float32, ()), TensorInfo(np.uint8, ())]
 
 
+@rule("sparseinfer::Dense")
+def _dense(node, ins, vals):
+    x, w = ins[0].shape, ins[1].shape
+    return [TensorInfo(ins[0].dtype, None if x is None or w is None else tuple(x[:-1]) + (w[-1],))]
+
+
+@rule("sparseinfer::Attention")
+def _attention(node, ins, vals):
+    return [_same(ins[0])]
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -595,7 +614,7 @@ def infer_shapes(graph: Graph) -> dict[str, np.ndarray]:
         elif any(i is not None and i.dtype is None for i in ins):
             outs = [TensorInfo(None)] * len(node.outputs)  # an unknown dtype upstream: nothing to say
         else:
-            fn = _RULES.get(node.op)
+            fn = _RULES.get(f"{node.domain}::{node.op}" if node.domain else node.op)
             if fn is None:
                 raise NotImplementedError(f"no shape rule for op {node.op!r}; add one in graph/shapes.py")
             try:

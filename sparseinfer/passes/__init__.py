@@ -1,1 +1,29 @@
-"""passes"""
+"""Graph rewrites: the pass manager, cleanup, fusions (later: sparsity layouts, int8)."""
+
+from .cleanup import eliminate_dead_code, eliminate_noops, fold_constants
+from .fusion import fuse_attention, fuse_dense, fuse_gelu, fuse_layernorm
+from .manager import FunctionPass, IRDump, Pass, PassContext, PassError, PassInstrument, PassTimings, Sequential, function_pass
+
+
+def default_pipeline() -> Sequential:
+    """The passes an Engine runs on a graph whose input shapes are bound, in this order."""
+    return Sequential(
+        [
+            fold_constants,  # first: exporters compute reshape targets and the attention scale at run time
+            eliminate_noops,
+            eliminate_dead_code,
+            fuse_layernorm,  # before fuse_dense: the LayerNorm pattern reads the residual Add's output by name only
+            fuse_gelu,  # before fuse_dense, which absorbs a Gelu that follows its bias
+            fuse_dense,
+            fuse_attention,  # after fuse_dense: Q, K and V are Dense outputs
+            eliminate_dead_code,
+        ],
+        name="default",
+    )
+
+
+__all__ = [
+    "FunctionPass", "IRDump", "Pass", "PassContext", "PassError", "PassInstrument", "PassTimings", "Sequential", "function_pass",
+    "default_pipeline", "eliminate_dead_code", "eliminate_noops", "fold_constants",
+    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm",
+]  # fmt: skip

@@ -1,0 +1,415 @@
+"""Fusions: rewrite the op patterns exporters emit into the ops our kernels implement.
+
+Each fusion is a `(anchor op, fn)` entry: `fn(graph, index, node)` looks at the neighbourhood of
+an anchor node and returns the list of nodes that replace the pattern's last node, or None.
+Nodes the pattern used become dead and are removed by dead-code elimination afterwards.
+
+Ordering (declared in `default_pipeline`): constants must be folded first (the attention scale
+and the reshape targets are computed at run time by exporters); LayerNorm and GELU before Dense
+(Dense absorbs a following Gelu); Dense before attention (attention reads Dense outputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..graph import Graph, Node
+from ..graph.reference import ENGINE_DOMAIN, lookup_version
+from ..graph.shapes import infer_shapes
+from .manager import PassContext, function_pass
+
+
+class Index:
+    """Producer and consumer lookups for one state of a graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.prod: dict[str, Node] = {}
+        self.cons: dict[str, list[Node]] = {}
+        for n in graph.nodes:
+            for o in n.outputs:
+                self.prod[o] = n
+            for i in n.inputs:
+                self.cons.setdefault(i, []).append(n)
+
+    def producer(self, name: str, op: str | None = None) -> Node | None:
+        n = self.prod.get(name)
+        return n if n is not None and (op is None or (n.op == op and n.domain == "")) else None
+
+    def only_consumer(self, name: str, op: str | None = None) -> Node | None:
+        """The single node reading `name` (and not a graph output), optionally of type `op`."""
+        users = self.cons.get(name, [])
+        if len(users) != 1 or name in self.graph.outputs:
+            return None
+        n = users[0]
+        return n if op is None or (n.op == op and n.domain == "") else None
+
+    def scalar(self, name: str) -> float | None:
+        c = self.graph.const(name)
+        return float(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
+
+    def other(self, node: Node, name: str) -> str:
+        """For a binary node, the input that is not `name`."""
+        a, b = node.inputs
+        return b if a == name else a
+
+
+# fn(graph, index, anchor) → (the pattern's last node, its replacement nodes), or None
+Fusion = Callable[[Graph, Index, Node], tuple[Node, list[Node]] | None]
+
+
+def _rewrite(graph: Graph, table: dict[str, Fusion]) -> int:
+    """Apply a fusion table until nothing matches. Returns the number of rewrites."""
+    count = 0
+    progress = True
+    while progress:
+        progress = False
+        index = Index(graph)
+        for node in graph.nodes:
+            fn = table.get(node.op) if node.domain == "" else None
+            result = fn(graph, index, node) if fn is not None else None
+            if result is not None:
+                last, new = result
+                graph.replace_node(last, new)
+                count += 1
+                progress = True
+                break  # the index is stale now: rescan
+        graph.remove_unused()
+    if count:
+        infer_shapes(graph)
+    return count
+
+
+def _close(value: float | None, target: float, rel: float = 1e-4) -> bool:
+    return value is not None and abs(value - target) <= rel * abs(target)
+
+
+def _last_axis(graph: Graph, node: Node) -> bool:
+    """A reduction over the last axis only, keeping dims."""
+    axes = graph.const(node.inputs[1]) if len(node.inputs) > 1 else None
+    rank = graph.info(node.inputs[0]).rank
+    return axes is not None and axes.size == 1 and rank is not None and int(axes[0]) % rank == rank - 1 and node.attrs.get("keepdims", 1)
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+
+def _fuse_layernorm(graph: Graph, ix: Index, div: Node):
+    """(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) [* gamma] [+ beta] → LayerNormalization."""
+    d, s = div.inputs
+    sub, sqrt = ix.producer(d, "Sub"), ix.producer(s, "Sqrt")
+    if sub is None or sqrt is None:
+        return None
+    x, m = sub.inputs
+    mean = ix.producer(m, "ReduceMean")
+    add_eps = ix.producer(sqrt.inputs[0], "Add")
+    if mean is None or mean.inputs[0] != x or not _last_axis(graph, mean) or add_eps is None:
+        return None
+    var_name = next((i for i in add_eps.inputs if ix.scalar(i) is None), None)
+    eps = ix.scalar(ix.other(add_eps, var_name)) if var_name else None
+    var = ix.producer(var_name, "ReduceMean") if var_name else None
+    if eps is None or var is None or not _last_axis(graph, var):
+        return None
+    sq = ix.producer(var.inputs[0])
+    is_square = (
+        sq is not None
+        and sq.domain == ""
+        and ((sq.op == "Pow" and sq.inputs[0] == d and ix.scalar(sq.inputs[1]) == 2.0) or (sq.op == "Mul" and sq.inputs == (d, d)))
+    )
+    users = ix.cons.get(d, [])
+    if not is_square or len(users) != 2 or sq not in users or div not in users:
+        return None
+    n = graph.info(x).shape[-1]
+    last, gamma, beta = div, None, None
+    mul = ix.only_consumer(div.outputs[0], "Mul")
+    if mul is not None and _vector(graph, ix.other(mul, div.outputs[0]), n):
+        last, gamma = mul, ix.other(mul, div.outputs[0])
+        add = ix.only_consumer(mul.outputs[0], "Add")
+        if add is not None and _vector(graph, ix.other(add, mul.outputs[0]), n):
+            last, beta = add, ix.other(add, mul.outputs[0])
+    dtype = graph.info(x).dtype
+    if gamma is None:
+        gamma = graph.add_constant(graph.fresh_name("ln_gamma"), np.ones(n, dtype))
+    inputs = (x, _flat(graph, gamma)) + ((_flat(graph, beta),) if beta else ())
+    ln = Node("LayerNormalization", inputs, last.outputs[:1], {"axis": -1, "epsilon": eps}, name=last.name or "layernorm", version=17)
+    return last, [ln]
+
+
+def _vector(graph: Graph, name: str, n: int) -> bool:
+    c = graph.const(name)
+    return c is not None and c.size == n and c.shape[-1] == n
+
+
+def _flat(graph: Graph, name: str) -> str:
+    c = graph.const(name)
+    if c.ndim == 1:
+        return name
+    return graph.add_constant(graph.fresh_name(name), c.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- GELU
+
+
+def _gelu_tail(graph: Graph, ix: Index, inner: Node, x: str):
+    """The common tail of both GELU forms: 0.5 * x * (1 + inner(x)), in the orders exporters use."""
+    add1 = ix.only_consumer(inner.outputs[0], "Add")
+    if add1 is None or ix.scalar(ix.other(add1, inner.outputs[0])) != 1.0:
+        return None
+    mul = ix.only_consumer(add1.outputs[0], "Mul")
+    if mul is None:
+        return None
+    factor = ix.other(mul, add1.outputs[0])
+    if factor == x:  # (x * (1 + ·)) * 0.5
+        half = ix.only_consumer(mul.outputs[0], "Mul")
+        if half is not None and ix.scalar(ix.other(half, mul.outputs[0])) == 0.5:
+            return half
+        return None
+    if ix.scalar(factor) == 0.5:  # x * (0.5 * (1 + ·)), as the dynamo exporter writes it
+        outer = ix.only_consumer(mul.outputs[0], "Mul")
+        return outer if outer is not None and ix.other(outer, mul.outputs[0]) == x else None
+    pre = ix.producer(factor, "Mul")  # (0.5 * x) * (1 + ·)
+    if pre is not None and x in pre.inputs and ix.scalar(ix.other(pre, x)) == 0.5:
+        return mul
+    return None
+
+
+def _fuse_gelu_erf(graph: Graph, ix: Index, erf: Node):
+    """0.5 * x * (1 + erf(x / sqrt 2)) → Gelu."""
+    scale = ix.producer(erf.inputs[0])
+    if scale is None or scale.domain or scale.op not in ("Div", "Mul"):
+        return None
+    x, c = scale.inputs
+    want = math.sqrt(2.0) if scale.op == "Div" else 1.0 / math.sqrt(2.0)
+    if not _close(ix.scalar(c), want):
+        return None
+    last = _gelu_tail(graph, ix, erf, x)
+    if last is None:
+        return None
+    return last, [Node("Gelu", (x,), last.outputs, {"approximate": "none"}, name=last.name or "gelu", version=20)]
+
+
+def _fuse_gelu_tanh(graph: Graph, ix: Index, tanh: Node):
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) → Gelu(approximate="tanh")."""
+    outer = ix.producer(tanh.inputs[0], "Mul")
+    if outer is None:
+        return None
+    inner_name = next((i for i in outer.inputs if _close(ix.scalar(ix.other(outer, i)), math.sqrt(2.0 / math.pi), 1e-3)), None)
+    add = ix.producer(inner_name, "Add") if inner_name else None
+    if add is None:
+        return None
+    for x in add.inputs:
+        cube_term = ix.producer(ix.other(add, x), "Mul")
+        if cube_term is None:
+            continue
+        for p in cube_term.inputs:
+            pw = ix.producer(p, "Pow")
+            if pw is not None and pw.inputs[0] == x and ix.scalar(pw.inputs[1]) == 3.0:
+                if _close(ix.scalar(ix.other(cube_term, p)), 0.044715, 1e-3):
+                    last = _gelu_tail(graph, ix, tanh, x)
+                    if last is not None:
+                        return last, [Node("Gelu", (x,), last.outputs, {"approximate": "tanh"}, name=last.name or "gelu", version=20)]
+    return None
+
+
+# ----------------------------------------------------------------------------- Dense
+
+
+_ACTIVATION_OPS = {"Tanh": "tanh", "Relu": "relu"}
+
+
+def _dense_epilogue(graph: Graph, ix: Index, first: Node, x: str, w: str, bias: str | None):
+    """Grow a Dense from a MatMul/Gemm: absorb a bias Add, an activation, then a residual Add."""
+    last = first
+    n = graph.const(w).shape[1]
+    if bias is None:
+        add = ix.only_consumer(last.outputs[0], "Add")
+        if add is not None and _vector(graph, ix.other(add, last.outputs[0]), n):
+            last, bias = add, ix.other(add, last.outputs[0])
+    activation = "none"
+    act = ix.only_consumer(last.outputs[0])
+    if act is not None and act.domain == "" and act.op == "Gelu":
+        last, activation = act, "gelu" if act.attrs.get("approximate", "none") == "none" else "gelu_tanh"
+    elif act is not None and act.domain == "" and act.op in _ACTIVATION_OPS:
+        last, activation = act, _ACTIVATION_OPS[act.op]
+    residual = None
+    add = ix.only_consumer(last.outputs[0], "Add")
+    if add is not None:
+        other = ix.other(add, last.outputs[0])
+        if graph.const(other) is None and graph.info(other).shape == graph.info(last.outputs[0]).shape:
+            last, residual = add, other
+    inputs = (x, w, _flat(graph, bias) if bias else "", residual or "")
+    while inputs and not inputs[-1]:
+        inputs = inputs[:-1]
+    node = Node("Dense", inputs, last.outputs[:1], {"activation": activation}, name=first.name or "dense", domain=ENGINE_DOMAIN)
+    return last, [node]
+
+
+def _fuse_matmul(graph: Graph, ix: Index, mm: Node):
+    x, w = mm.inputs
+    wc = graph.const(w)
+    xi = graph.info(x)
+    if wc is None or wc.ndim != 2 or xi.rank is None or xi.rank < 2 or xi.dtype != np.float32 or wc.dtype != np.float32:
+        return None
+    return _dense_epilogue(graph, ix, mm, x, w, None)
+
+
+def _fuse_gemm(graph: Graph, ix: Index, gemm: Node):
+    a = gemm.attrs
+    if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+        return None
+    x, w = gemm.inputs[:2]
+    wc = graph.const(w)
+    if wc is None or graph.info(x).dtype != np.float32:
+        return None
+    if a.get("transB", 0):
+        w = graph.add_constant(graph.fresh_name(w + "_t"), np.ascontiguousarray(wc.T))
+    bias = gemm.inputs[2] if len(gemm.inputs) > 2 and gemm.inputs[2] else None
+    if bias is not None and not _vector(graph, bias, graph.const(w).shape[1]):
+        return None
+    return _dense_epilogue(graph, ix, gemm, x, w, bias)
+
+
+# ----------------------------------------------------------------------------- attention
+
+_LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _walk_back(graph: Graph, ix: Index, name: str, stop_shape: tuple) -> tuple[str, float, list[Node]] | None:
+    """Follow layout ops and scalar Mul/Div back from `name` to a tensor of `stop_shape`.
+    Returns (source, product of scalar factors, the layout/scale nodes in execution order)."""
+    chain: list[Node] = []
+    scale = 1.0
+    while graph.info(name).shape != stop_shape:
+        p = ix.producer(name)
+        if p is None or p.domain or len(ix.cons.get(name, [])) != 1:
+            return None
+        if p.op in _LAYOUT_OPS:
+            name = p.inputs[0]
+        elif p.op in ("Mul", "Div") and any(ix.scalar(i) is not None for i in p.inputs):
+            c = next(i for i in p.inputs if ix.scalar(i) is not None)
+            if p.op == "Div" and c != p.inputs[1]:
+                return None
+            scale = scale * ix.scalar(c) if p.op == "Mul" else scale / ix.scalar(c)
+            name = ix.other(p, c)
+        else:
+            return None
+        chain.insert(0, p)
+    return name, scale, chain
+
+
+def _probe(graph: Graph, chain: list[Node], src: str, start: np.ndarray) -> np.ndarray | None:
+    """Run a chain of layout ops on an index array (scalar factors skipped) to see where each
+    element of `src` ends up."""
+    env = {src: start}
+    for node in chain:
+        if node.op in ("Mul", "Div"):
+            var = next(i for i in node.inputs if i in env)
+            env[node.outputs[0]] = env[var]
+            continue
+        fn = lookup_version(node.op, node.version, node.domain).fn
+        try:
+            env[node.outputs[0]] = fn(env[node.inputs[0]], *(graph.const(i) for i in node.inputs[1:]), **node.attrs)
+        except (ValueError, TypeError):
+            return None
+    return env[chain[-1].outputs[0]] if chain else start
+
+
+def _fuse_attention(graph: Graph, ix: Index, softmax: Node):
+    """softmax(Q Kᵀ · scale + mask) V with head split/merge reshapes → Attention."""
+    info = graph.info(softmax.inputs[0])
+    if not info.is_static or info.rank != 4 or softmax.attrs.get("axis", -1) % 4 != 3 or softmax.version < 13:
+        return None
+    b, h, s, s2 = info.shape
+    if s != s2:
+        return None
+    # scores: MatMul, then any of scalar Mul/Div and one additive mask, in either order
+    name, scale, mask = softmax.inputs[0], 1.0, None
+    while True:
+        p = ix.producer(name)
+        if p is None or p.domain or len(ix.cons.get(name, [])) != 1:
+            return None
+        if p.op == "MatMul":
+            break
+        if p.op in ("Mul", "Div") and ix.scalar(p.inputs[1]) is not None:
+            scale = scale * ix.scalar(p.inputs[1]) if p.op == "Mul" else scale / ix.scalar(p.inputs[1])
+            name = p.inputs[0]
+        elif p.op == "Add" and mask is None:
+            a, c = p.inputs
+            path = a if ix.producer(a) is not None and ix.producer(a).op in ("MatMul", "Mul", "Div") else c
+            mask = ix.other(p, path)
+            mi = graph.info(mask)
+            if mi.rank != 4 or mi.shape[1] != 1 or mi.shape[0] not in (1, b) or mi.shape[2] not in (1, s) or mi.shape[3] != s:
+                return None
+            name = path
+        else:
+            return None
+    scores = p
+    d_model = None
+    qi = graph.info(scores.inputs[0])
+    if qi.shape is None or len(qi.shape) != 4:
+        return None
+    d = qi.shape[3]
+    d_model = h * d
+    src_shape = (b, s, d_model)
+    q = _walk_back(graph, ix, scores.inputs[0], src_shape)
+    k = _walk_back(graph, ix, scores.inputs[1], src_shape)
+    pv = ix.only_consumer(softmax.outputs[0], "MatMul")
+    if q is None or k is None or pv is None or pv.inputs[0] != softmax.outputs[0]:
+        return None
+    v = _walk_back(graph, ix, pv.inputs[1], src_shape)
+    if v is None or v[1] != 1.0:
+        return None
+    # the merge back to [b, s, h*d]
+    out_chain, name = [], pv.outputs[0]
+    while graph.info(name).shape != src_shape:
+        c = ix.only_consumer(name)
+        if c is None or c.domain or c.op not in _LAYOUT_OPS:
+            return None
+        out_chain.append(c)
+        name = c.outputs[0]
+    # check every chain really is the head split (or merge) by probing it with element indices
+    idx = np.arange(b * s * d_model).reshape(src_shape)
+    heads = idx.reshape(b, s, h, d).transpose(0, 2, 1, 3)
+    expect = {"q": heads, "k": heads.transpose(0, 1, 3, 2), "v": heads}
+    for key, (src, _, chain) in zip("qkv", (q, k, v)):
+        got = _probe(graph, chain, src, idx)
+        if got is None or got.shape != expect[key].shape or not np.array_equal(got, expect[key]):
+            return None
+    o_idx = np.arange(b * h * s * d).reshape(b, h, s, d)
+    got = _probe(graph, out_chain, pv.outputs[0], o_idx)
+    if got is None or not np.array_equal(got, o_idx.transpose(0, 2, 1, 3).reshape(src_shape)):
+        return None
+    last = out_chain[-1] if out_chain else pv
+    inputs = (q[0], k[0], v[0]) + ((mask,) if mask else ())
+    attrs = {"num_heads": int(h), "scale": float(scale * q[1] * k[1])}
+    return last, [Node("Attention", inputs, last.outputs[:1], attrs, name=softmax.name or "attention", domain=ENGINE_DOMAIN)]
+
+
+# ----------------------------------------------------------------------------- the passes
+
+
+@function_pass("fuse_layernorm", opt_level=1, requires=("fold_constants",))
+def fuse_layernorm(graph: Graph, ctx: PassContext) -> int:
+    """The decomposed LayerNorm of opset < 17 exports → LayerNormalization."""
+    return _rewrite(graph, {"Div": _fuse_layernorm})
+
+
+@function_pass("fuse_gelu", opt_level=1, requires=("fold_constants",))
+def fuse_gelu(graph: Graph, ctx: PassContext) -> int:
+    """erf and tanh forms of GELU → Gelu."""
+    return _rewrite(graph, {"Erf": _fuse_gelu_erf, "Tanh": _fuse_gelu_tanh})
+
+
+@function_pass("fuse_dense", opt_level=1, requires=("fuse_gelu",))
+def fuse_dense(graph: Graph, ctx: PassContext) -> int:
+    """MatMul/Gemm with a constant weight (+ bias, + activation, + residual) → Dense."""
+    return _rewrite(graph, {"MatMul": _fuse_matmul, "Gemm": _fuse_gemm})
+
+
+@function_pass("fuse_attention", opt_level=2, requires=("fuse_dense",))
+def fuse_attention(graph: Graph, ctx: PassContext) -> int:
+    """Q Kᵀ · scale + mask → softmax → · V, with the head reshapes/transposes → Attention."""
+    return _rewrite(graph, {"Softmax": _fuse_attention})
