@@ -330,6 +330,15 @@ def split(x, split=None, *, axis=0, num_outputs=None):
     return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 
+def slice_bounds(dim: int, start: int, end: int, step: int) -> tuple[int, int]:
+    """ONNX Slice clamping of (start, end) on an axis of size `dim`; end -1 means "before 0".
+    Not Python's rules: with a negative step a start before the beginning clamps to 0."""
+    start, end = start + dim if start < 0 else start, end + dim if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), dim), min(max(end, 0), dim)
+    return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+
+
 @register("Slice", since=1)
 def slice_(x, starts, ends, axes=None, steps=None):
     starts, ends = _ints(starts), _ints(ends)
@@ -339,12 +348,7 @@ def slice_(x, starts, ends, axes=None, steps=None):
     for s, e, ax, st in zip(starts, ends, axes, steps):
         if st == 0:
             raise ValueError("Slice: steps must not be 0")
-        dim = x.shape[ax]
-        s, e = s + dim if s < 0 else s, e + dim if e < 0 else e
-        if st > 0:
-            s, e = min(max(s, 0), dim), min(max(e, 0), dim)
-        else:
-            s, e = min(max(s, 0), dim - 1), min(max(e, -1), dim - 1)
+        s, e = slice_bounds(x.shape[ax], s, e, st)
         index[ax] = slice(s, None if e < 0 else e, st)
     return x[tuple(index)]
 

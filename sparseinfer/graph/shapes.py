@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .ir import Dim, Graph, Node, Shape, TensorInfo
-from .reference import _axis
+from .reference import _axis, slice_bounds
 from .registry import lookup_version
 
 _MAX_TRACKED = 64  # elements: shape-like tensors are tiny; bigger ones are not value-tracked
@@ -423,15 +423,8 @@ def _slice(node, ins, vals):
 
 def _slice_dim(dim: Dim, start: Dim, end: Dim, step: Dim) -> Dim:
     if all(isinstance(v, (int, np.integer)) for v in (dim, start, end, step)):
-        dim, start, end, step = int(dim), int(start), int(end), int(step)
-        # ONNX clamping, not Python's: with a negative step a start before the beginning clamps
-        # to 0 (one element), where range(dim)[start:end:step] would be empty.
-        start, end = start + dim if start < 0 else start, end + dim if end < 0 else end
-        if step > 0:
-            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-        else:
-            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-        return len(range(start, end, step))
+        s, e = slice_bounds(int(dim), int(start), int(end), int(step))
+        return len(range(s, e, int(step)))
     if start == 0 and step == 1:
         if isinstance(end, (int, np.integer)) and end >= 2**31 - 1:
             return dim  # "to the end": the whole (symbolic) dim
