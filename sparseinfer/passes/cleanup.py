@@ -46,7 +46,11 @@ def _is_noop(graph: Graph, node) -> bool:
     if node.op == "Identity":
         return True
     if node.op == "Dropout":
-        return len(node.outputs) < 2 or not node.outputs[1] or not graph.consumers(node.outputs[1])
+        training = node.inputs[2] if len(node.inputs) > 2 else ""
+        if training and (graph.const(training) is None or bool(graph.const(training))):
+            return False  # training-mode dropout is not the identity (and the reference refuses it)
+        mask = node.outputs[1] if len(node.outputs) > 1 else ""
+        return not mask or (not graph.consumers(mask) and mask not in graph.outputs)
     src, out = graph.info(node.inputs[0]), graph.info(node.outputs[0])
     if node.op == "Cast":
         return src.dtype == out.dtype

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..graph import Graph, Node
+from ..graph import Graph, Node, TensorInfo
 from ..graph.reference import ENGINE_DOMAIN, lookup_version
 from ..graph.shapes import infer_shapes
 from .manager import PassContext, function_pass
@@ -32,7 +32,7 @@ class Index:
         for n in graph.nodes:
             for o in n.outputs:
                 self.prod[o] = n
-            for i in n.inputs:
+            for i in dict.fromkeys(n.inputs):  # a node reading a value twice is one consumer
                 self.cons.setdefault(i, []).append(n)
 
     def producer(self, name: str, op: str | None = None) -> Node | None:
@@ -122,25 +122,29 @@ def _fuse_layernorm(graph: Graph, ix: Index, div: Node):
     users = ix.cons.get(d, [])
     if not is_square or len(users) != 2 or sq not in users or div not in users:
         return None
-    n = graph.info(x).shape[-1]
+    n, rank = graph.info(x).shape[-1], graph.info(x).rank
     last, gamma, beta = div, None, None
     mul = ix.only_consumer(div.outputs[0], "Mul")
-    if mul is not None and _vector(graph, ix.other(mul, div.outputs[0]), n):
+    if mul is not None and _vector(graph, ix.other(mul, div.outputs[0]), n, rank):
         last, gamma = mul, ix.other(mul, div.outputs[0])
         add = ix.only_consumer(mul.outputs[0], "Add")
-        if add is not None and _vector(graph, ix.other(add, mul.outputs[0]), n):
+        if add is not None and _vector(graph, ix.other(add, mul.outputs[0]), n, rank):
             last, beta = add, ix.other(add, mul.outputs[0])
     dtype = graph.info(x).dtype
     if gamma is None:
+        if not isinstance(n, int):
+            return None  # a gamma of ones needs the size; leave a symbolic-width LayerNorm unfused
         gamma = graph.add_constant(graph.fresh_name("ln_gamma"), np.ones(n, dtype))
     inputs = (x, _flat(graph, gamma)) + ((_flat(graph, beta),) if beta else ())
     ln = Node("LayerNormalization", inputs, last.outputs[:1], {"axis": -1, "epsilon": eps}, name=last.name or "layernorm", version=17)
     return last, [ln]
 
 
-def _vector(graph: Graph, name: str, n: int) -> bool:
+def _vector(graph: Graph, name: str, n: int, rank: int | None) -> bool:
+    """A constant of n values along the last axis that broadcasting against a rank-`rank`
+    tensor cannot change the shape of (so a [1, 1, n] operand of a rank-2 tensor is not one)."""
     c = graph.const(name)
-    return c is not None and c.size == n and c.shape[-1] == n
+    return c is not None and c.size == n and c.shape[-1] == n and rank is not None and c.ndim <= rank
 
 
 def _flat(graph: Graph, name: str) -> str:
@@ -223,10 +227,10 @@ _ACTIVATION_OPS = {"Tanh": "tanh", "Relu": "relu"}
 def _dense_epilogue(graph: Graph, ix: Index, first: Node, x: str, w: str, bias: str | None):
     """Grow a Dense from a MatMul/Gemm: absorb a bias Add, an activation, then a residual Add."""
     last = first
-    n = graph.const(w).shape[1]
+    n, rank = graph.const(w).shape[1], graph.info(first.outputs[0]).rank
     if bias is None:
         add = ix.only_consumer(last.outputs[0], "Add")
-        if add is not None and _vector(graph, ix.other(add, last.outputs[0]), n):
+        if add is not None and _vector(graph, ix.other(add, last.outputs[0]), n, rank):
             last, bias = add, ix.other(add, last.outputs[0])
     activation = "none"
     act = ix.only_consumer(last.outputs[0])
@@ -267,7 +271,7 @@ def _fuse_gemm(graph: Graph, ix: Index, gemm: Node):
     if a.get("transB", 0):
         w = graph.add_constant(graph.fresh_name(w + "_t"), np.ascontiguousarray(wc.T))
     bias = gemm.inputs[2] if len(gemm.inputs) > 2 and gemm.inputs[2] else None
-    if bias is not None and not _vector(graph, bias, graph.const(w).shape[1]):
+    if bias is not None and not _vector(graph, bias, graph.const(w).shape[1], 2):
         return None
     return _dense_epilogue(graph, ix, gemm, x, w, bias)
 
@@ -317,6 +321,17 @@ def _probe(graph: Graph, chain: list[Node], src: str, start: np.ndarray) -> np.n
     return env[chain[-1].outputs[0]] if chain else start
 
 
+def _scores_operand(graph: Graph, ix: Index, add: Node, heads: int) -> str:
+    """Which input of the mask Add carries the scores: the one with a head axis (the mask has
+    size 1 there); with one head, the one computed by a MatMul or a scalar scale."""
+    a, c = add.inputs
+    sa, sc = graph.info(a).shape, graph.info(c).shape
+    if heads > 1 and sa is not None and sc is not None and len(sa) == len(sc) == 4 and {sa[1], sc[1]} == {heads, 1}:
+        return a if sa[1] == heads else c
+    pa = ix.producer(a)
+    return a if pa is not None and pa.op in ("MatMul", "Mul", "Div") else c
+
+
 def _fuse_attention(graph: Graph, ix: Index, softmax: Node):
     """softmax(Q Kᵀ · scale + mask) V with head split/merge reshapes → Attention."""
     info = graph.info(softmax.inputs[0])
@@ -326,7 +341,7 @@ def _fuse_attention(graph: Graph, ix: Index, softmax: Node):
     if s != s2:
         return None
     # scores: MatMul, then any of scalar Mul/Div and one additive mask, in either order
-    name, scale, mask = softmax.inputs[0], 1.0, None
+    name, scale, mask, scaled_after_mask = softmax.inputs[0], 1.0, None, False
     while True:
         p = ix.producer(name)
         if p is None or p.domain or len(ix.cons.get(name, [])) != 1:
@@ -334,11 +349,14 @@ def _fuse_attention(graph: Graph, ix: Index, softmax: Node):
         if p.op == "MatMul":
             break
         if p.op in ("Mul", "Div") and ix.scalar(p.inputs[1]) is not None:
+            # walking backwards: a scale met before the mask Add is applied after it, to the mask too
+            scaled_after_mask = scaled_after_mask or mask is None
             scale = scale * ix.scalar(p.inputs[1]) if p.op == "Mul" else scale / ix.scalar(p.inputs[1])
             name = p.inputs[0]
         elif p.op == "Add" and mask is None:
-            a, c = p.inputs
-            path = a if ix.producer(a) is not None and ix.producer(a).op in ("MatMul", "Mul", "Div") else c
+            if scaled_after_mask:
+                return None  # (scores + mask) * c: the kernel adds the mask unscaled
+            path = _scores_operand(graph, ix, p, h)
             mask = ix.other(p, path)
             mi = graph.info(mask)
             if mi.rank != 4 or mi.shape[1] != 1 or mi.shape[0] not in (1, b) or mi.shape[2] not in (1, s) or mi.shape[3] != s:
@@ -413,3 +431,49 @@ def fuse_dense(graph: Graph, ctx: PassContext) -> int:
 def fuse_attention(graph: Graph, ctx: PassContext) -> int:
     """Q Kᵀ · scale + mask → softmax → · V, with the head reshapes/transposes → Attention."""
     return _rewrite(graph, {"Softmax": _fuse_attention})
+
+
+# ----------------------------------------------------------------------------- attention mask
+
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Not", "Neg", "Equal", "Less", "Greater", "And", "Or", "Expand", "Identity"}
+
+
+def _query_constant(graph: Graph, ix: Index, name: str, memo: dict[str, bool]) -> bool:
+    """Whether `name`, broadcast to the scores' [B, H, Sq, Sk], is the same for every query row:
+    its second-to-last dim is 1, or it is computed elementwise (or expanded) from such values."""
+    if name in memo:
+        return memo[name]
+    shape = graph.info(name).shape
+    if shape is not None and (len(shape) < 2 or shape[-2] == 1):
+        memo[name] = True
+        return True
+    p = ix.producer(name)
+    ok = p is not None and p.domain == "" and p.op in _ELEMENTWISE
+    if ok:
+        data = p.inputs[:1] if p.op == "Expand" else [i for i in p.inputs if i]
+        ok = all(_query_constant(graph, ix, i, memo) for i in data)
+    memo[name] = ok
+    return ok
+
+
+@function_pass("narrow_attention_mask", opt_level=2, requires=("fuse_attention",))
+def narrow_attention_mask(graph: Graph, ctx: PassContext) -> int:
+    """Exporters expand the padding mask to [B, 1, S, S]; where it provably does not vary along
+    the query axis, feed Attention its first query row [B, 1, 1, S] (what the kernel reads)."""
+    ix, memo, changed = Index(graph), {}, 0
+    for node in graph.nodes:
+        if node.domain != ENGINE_DOMAIN or node.op != "Attention" or len(node.inputs) < 4:
+            continue
+        mask = node.inputs[3]
+        shape = graph.info(mask).shape
+        if shape is None or len(shape) != 4 or shape[2] == 1 or not _query_constant(graph, ix, mask, memo):
+            continue
+        consts = [
+            graph.add_constant(graph.fresh_name(f"{mask}_{k}"), np.array([v], np.int64)) for k, v in (("start", 0), ("end", 1), ("axis", 2))
+        ]
+        row = graph.fresh_name(f"{mask}_row")
+        sl = Node("Slice", (mask, *consts), (row,), name=f"{node.name}_mask_row", version=13)
+        graph.add_node(sl, [TensorInfo(graph.info(mask).dtype, shape[:2] + (1,) + shape[3:])], index=graph.nodes.index(graph.current(node)))
+        graph.replace_node(node, node.replace(inputs=node.inputs[:3] + (row,)))
+        changed += 1
+    return changed

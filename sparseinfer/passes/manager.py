@@ -127,13 +127,13 @@ class PassTimings(PassInstrument):
 
     def __init__(self) -> None:
         self.records: list[tuple[str, float, int]] = []
-        self._t0 = 0.0
+        self._starts: list[float] = []  # a stack: a Sequential's inner passes start and end inside it
 
     def run_before_pass(self, graph: Graph, pass_: Pass) -> None:
-        self._t0 = time.perf_counter()
+        self._starts.append(time.perf_counter())
 
     def run_after_pass(self, graph: Graph, pass_: Pass, changed: int) -> None:
-        self.records.append((pass_.name, time.perf_counter() - self._t0, changed))
+        self.records.append((pass_.name, time.perf_counter() - self._starts.pop(), changed))
 
     def table(self) -> str:
         rows = [f"{'pass':<28}{'ms':>10}{'changes':>10}"]
