@@ -12,12 +12,15 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numba
 import numpy as np
 import onnx
 
-from ..graph import Graph, ReferenceExecutor, import_onnx
+from ..graph import Graph, import_onnx
 from ..graph.ir import Shape
 from ..graph.shapes import bind_dims
+from ..passes import PassContext, default_pipeline
+from .plan import Plan, WeightCache
 
 
 class InputError(ValueError):
@@ -39,15 +42,25 @@ class Engine:
         sequence_length: int | None = None,
         input_shapes: Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None = None,
         num_threads: int | None = None,
+        opt_level: int = 2,
+        pass_config: Mapping | None = None,
     ) -> None:
         for label, v in (("batch_size", batch_size), ("sequence_length", sequence_length), ("num_threads", num_threads)):
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{label} must be a positive integer or None, got {v!r}")
+        if num_threads is not None and num_threads > numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(
+                f"num_threads={num_threads} exceeds the {numba.config.NUMBA_NUM_THREADS} threads Numba was started with "
+                "(set NUMBA_NUM_THREADS before importing sparseinfer to allow more)"
+            )
         self.num_threads = num_threads
+        self.opt_level = opt_level
+        self.pass_config = dict(pass_config or {})
+        self._weights = WeightCache()
         self.model_path = None if isinstance(model, (onnx.ModelProto, Graph)) else Path(model)
         graph = model if isinstance(model, Graph) else import_onnx(model)
         self._graph = bind_dims(graph, self._fixed_shapes(graph, batch_size, sequence_length, input_shapes))
-        self._plans: dict[tuple[Shape, ...], ReferenceExecutor] = {}
+        self._plans: dict[tuple[Shape, ...], Plan] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ description
@@ -78,6 +91,33 @@ class Engine:
     def run(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Inputs as a list in `input_names` order or a dict by name → outputs in `output_names` order."""
         feeds = self._check_inputs(inputs)
+        if self.num_threads is not None:
+            numba.set_num_threads(self.num_threads)  # Numba's setting is per calling thread
+        return self._plan_for(feeds).run(feeds)
+
+    __call__ = run
+
+    def mapped_run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs by name → outputs by name."""
+        return dict(zip(self._graph.outputs, self.run(inputs)))
+
+    def profile(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[dict]:
+        """Run once and time every step: one row per node with its op, kernel or reference, and ms."""
+        feeds = self._check_inputs(inputs)
+        if self.num_threads is not None:
+            numba.set_num_threads(self.num_threads)
+        timings: list = []
+        self._plan_for(feeds).run(feeds, timings=timings)
+        return [
+            {"node": st.node.name or st.node.outputs[0], "op": st.node.op, "kind": st.kind, "ms": 1e3 * t, "flops": st.flops}
+            for st, t in timings
+        ]
+
+    def plan(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> Plan:
+        """The compiled plan that `run` uses for inputs of these shapes (compiled on first use)."""
+        return self._plan_for(self._check_inputs(inputs))
+
+    def _plan_for(self, feeds: dict[str, np.ndarray]) -> Plan:
         key = tuple(feeds[n].shape for n in self._graph.inputs)
         plan = self._plans.get(key)
         if plan is None:
@@ -86,16 +126,12 @@ class Engine:
                 if plan is None:
                     plan = self._compile(dict(zip(self._graph.inputs, key)))
                     self._plans[key] = plan
-        return plan.run(feeds)
+        return plan
 
-    __call__ = run
-
-    def mapped_run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Inputs by name → outputs by name."""
-        return dict(zip(self._graph.outputs, self.run(inputs)))
-
-    def _compile(self, shapes: dict[str, Shape]) -> ReferenceExecutor:
-        return ReferenceExecutor(bind_dims(self._graph, shapes))
+    def _compile(self, shapes: dict[str, Shape]) -> Plan:
+        graph = bind_dims(self._graph, shapes)
+        default_pipeline()(graph, PassContext(opt_level=self.opt_level, config=self.pass_config))
+        return Plan(graph, self._weights)
 
     # ------------------------------------------------------------------ checking
     def _fixed_shapes(self, graph: Graph, batch_size, sequence_length, input_shapes) -> dict[str, Shape]:

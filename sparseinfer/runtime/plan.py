@@ -1,0 +1,254 @@
+"""Lower an optimized, statically shaped Graph to an ordered list of steps.
+
+A step is a kernel call (Dense, LayerNormalization, Attention, Gelu — the ops that carry the
+FLOPs) or, for everything else, the op's NumPy reference function. Kernel outputs live in
+preallocated buffers reused across steps by liveness (peak activation memory is reported);
+each concurrent `run` gets its own set of buffers (an arena) from a pool, so runs from several
+threads never share memory. Dispatch on op, dtype and layout happens here, once.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..graph import Graph, Node
+from ..graph.reference import ENGINE_DOMAIN
+from ..graph.registry import lookup_version
+from ..kernels import attention as k_attention
+from ..kernels import dense as k_dense
+from ..kernels import elementwise as k_elementwise
+from ..kernels import norm as k_norm
+
+_DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH}
+
+
+@dataclass
+class Step:
+    node: Node
+    kind: str  # "kernel" or "reference"
+    fn: Callable  # fn(env, arena) -> None: reads inputs from env, writes outputs into env
+    flops: int = 0
+
+
+@dataclass
+class BufferPlan:
+    """Where each kernel output lives: slot index per value, and each slot's size in bytes."""
+
+    slot_of: dict[str, int] = field(default_factory=dict)
+    slot_bytes: list[int] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.slot_bytes)
+
+
+class Plan:
+    """A graph compiled for one set of input shapes."""
+
+    def __init__(self, graph: Graph, weights: WeightCache | None = None) -> None:
+        for name, v in graph.values.items():
+            if not v.is_const and not v.info.is_static:
+                raise ValueError(f"cannot plan {graph.name!r}: value {name!r} has no static shape ({v.info}); bind the input shapes first")
+        self.graph = graph
+        self.weights = weights or WeightCache()
+        self.workspaces: dict[str, tuple[int, ...]] = {}  # per-arena float32 scratch arrays kernels ask for
+        self.steps = [self._lower(n) for n in graph.nodes]
+        self.buffers = self._plan_buffers()
+        self._consts = {n: v.const for n, v in graph.values.items() if v.is_const}
+        self._arenas: queue.SimpleQueue = queue.SimpleQueue()
+
+    # ------------------------------------------------------------------ lowering
+    def _lower(self, node: Node) -> Step:
+        g = self.graph
+        if node.domain == ENGINE_DOMAIN and node.op == "Dense":
+            step = self._lower_dense(node)
+        elif node.domain == ENGINE_DOMAIN and node.op == "Attention":
+            step = self._lower_attention(node)
+        elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):
+            step = self._lower_layernorm(node)
+        elif node.domain == "" and node.op == "Gelu" and node.attrs.get("approximate", "none") == "none":
+            step = self._kernel(node, lambda env, out, arena, x=node.inputs[0]: k_elementwise.gelu(_rows(env[x]), _rows(out)))
+        else:
+            step = None
+        if step is None or g.info(node.inputs[0]).dtype != np.float32:
+            return self._reference(node)
+        return step
+
+    def _kernel(self, node: Node, call: Callable, flops: int = 0) -> Step:
+        out = node.outputs[0]
+
+        def fn(env, arena):
+            buf = arena[out]
+            call(env, buf, arena)
+            env[out] = buf
+
+        return Step(node, "kernel", fn, flops)
+
+    def _reference(self, node: Node) -> Step:
+        impl = lookup_version(node.op, node.version, node.domain).fn
+        ins, outs, attrs = node.inputs, node.outputs, node.attrs
+
+        def fn(env, arena):
+            result = impl(*(env[i] if i else None for i in ins), **attrs)
+            for name, arr in zip(outs, result if isinstance(result, tuple) else (result,)):
+                if name:
+                    env[name] = np.asarray(arr)
+
+        return Step(node, "reference", fn)
+
+    def _lower_dense(self, node: Node) -> Step | None:
+        g = self.graph
+        x, w = node.inputs[:2]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+        residual = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+        act = _DENSE_ACT.get(node.attrs.get("activation", "none"))
+        if act is None or g.const(w) is None or g.const(w).dtype != np.float32:
+            return None
+        packed = self.weights.packed(w, g.const(w))
+        b = None if bias is None else np.ascontiguousarray(g.const(bias), np.float32)
+        if bias is not None and b is None:
+            return None
+        k, n = g.const(w).shape
+        m = int(np.prod(g.info(x).shape[:-1]))
+
+        def call(env, out, arena):
+            res = None if residual is None else _rows(env[residual])
+            k_dense.dense_packed(_rows(env[x]), packed, b, res, _rows(out), act)
+
+        return self._kernel(node, call, flops=2 * m * k * n)
+
+    def _lower_layernorm(self, node: Node) -> Step:
+        g = self.graph
+        x, gamma = node.inputs[:2]
+        beta = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+        if g.const(gamma) is None or (beta is not None and g.const(beta) is None):
+            return None
+        gm = np.ascontiguousarray(g.const(gamma).reshape(-1), np.float32)
+        bt = np.zeros_like(gm) if beta is None else np.ascontiguousarray(g.const(beta).reshape(-1), np.float32)
+        eps = np.float32(node.attrs.get("epsilon", 1e-5))
+        return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _rows(out)))
+
+    def _lower_attention(self, node: Node) -> Step | None:
+        g = self.graph
+        q, k, v = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+        b, s, hd = g.info(q).shape
+        h = node.attrs["num_heads"]
+        d = hd // h
+        if mask is not None:
+            ms = g.info(mask).shape
+            if len(ms) != 4 or ms[1] != 1 or ms[2] != 1 or ms[0] not in (1, b):
+                return None  # a mask varying per query row: the reference handles it
+        scale = np.float32(node.attrs["scale"])
+        nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
+        shapes = k_attention.workspace_shapes(s, d, nth)
+        ws_names = [f"{node.outputs[0]}__ws{i}" for i in range(len(shapes))]
+        self.workspaces.update(zip(ws_names, shapes))
+
+        def call(env, out, arena):
+            m = None
+            if mask is not None:
+                m = np.ascontiguousarray(np.broadcast_to(env[mask].reshape(-1, s), (b, s)), np.float32)
+            kt, vp, pw = (arena[n] for n in ws_names)
+            threads = max(1, min(k_attention.numba.get_num_threads(), kt.shape[0], b * h))
+            k_attention.attention_packed(
+                _rows(env[q]), _rows(env[k]), _rows(env[v]), 0, 0, 0, m, b, s, h, d, scale, _rows(out), kt, vp, pw, threads
+            )
+
+        flops = 4 * b * h * s * s * d
+        return self._kernel(node, call, flops)
+
+    # ------------------------------------------------------------------ buffers
+    def _plan_buffers(self) -> BufferPlan:
+        """Greedy reuse by liveness: a kernel output takes the smallest free slot big enough,
+        or a new one; a slot is free again after the last reader of its value has run."""
+        g = self.graph
+        last_use: dict[str, int] = {}
+        for i, st in enumerate(self.steps):
+            for name in st.node.inputs:
+                last_use[name] = i
+        plan = BufferPlan()
+        free: list[int] = []
+        for i, st in enumerate(self.steps):
+            if st.kind == "kernel":
+                out = st.node.outputs[0]
+                info = g.info(out)
+                need = int(np.prod(info.shape)) * info.dtype.itemsize
+                fits = sorted((plan.slot_bytes[s], s) for s in free if plan.slot_bytes[s] >= need)
+                if fits:
+                    slot = fits[0][1]
+                    free.remove(slot)
+                elif free:  # grow the largest free slot rather than add one
+                    slot = max(free, key=lambda s: plan.slot_bytes[s])
+                    free.remove(slot)
+                    plan.slot_bytes[slot] = need
+                else:
+                    slot = len(plan.slot_bytes)
+                    plan.slot_bytes.append(need)
+                plan.slot_of[out] = slot
+            for name in set(st.node.inputs):
+                if name in plan.slot_of and last_use.get(name) == i and name not in g.outputs:
+                    free.append(plan.slot_of[name])
+        return plan
+
+    def _new_arena(self) -> dict[str, np.ndarray]:
+        g = self.graph
+        slots = [np.empty(n, np.uint8) for n in self.buffers.slot_bytes]
+        arena = {}
+        for name, slot in self.buffers.slot_of.items():
+            info = g.info(name)
+            count = int(np.prod(info.shape))
+            arena[name] = slots[slot][: count * info.dtype.itemsize].view(info.dtype).reshape(info.shape)
+        for name, shape in self.workspaces.items():
+            arena[name] = np.empty(shape, np.float32)
+        return arena
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(int(np.prod(s)) * 4 for s in self.workspaces.values())
+
+    # ------------------------------------------------------------------ running
+    def run(self, feeds: Mapping[str, np.ndarray], timings: list | None = None) -> list[np.ndarray]:
+        try:
+            arena = self._arenas.get_nowait()
+        except queue.Empty:
+            arena = self._new_arena()
+        try:
+            env: dict[str, np.ndarray] = dict(self._consts)
+            env.update(feeds)
+            for st in self.steps:
+                t0 = time.perf_counter() if timings is not None else 0.0
+                st.fn(env, arena)
+                if timings is not None:
+                    timings.append((st, time.perf_counter() - t0))
+            # outputs may sit in reused buffers: hand out copies the next run cannot overwrite
+            return [np.array(env[o], copy=True) if o in self.buffers.slot_of else env[o] for o in self.graph.outputs]
+        finally:
+            self._arenas.put(arena)
+
+
+class WeightCache:
+    """Packed forms of constant weights, shared by every plan of an engine."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, np.ndarray] = {}
+
+    def packed(self, name: str, w: np.ndarray) -> np.ndarray:
+        if name not in self._packed:
+            self._packed[name] = k_dense.pack_weight(w)
+        return self._packed[name]
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous [rows, last dim] view (kernels take 2-D row-major arrays)."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
+
+
+def _last_axis(graph: Graph, node: Node) -> bool:
+    rank = graph.info(node.inputs[0]).rank
+    return rank is not None and node.attrs.get("axis", -1) % rank == rank - 1
