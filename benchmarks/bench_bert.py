@@ -3,8 +3,11 @@
     python benchmarks/bench_bert.py                 # batch 1 and 8, sequence 128
     python benchmarks/bench_bert.py --batch 1 --rounds 30 --layers 12
 
-Each round times one sparseinfer run and one onnxruntime run back to back, so machine noise
+Each round times a block of sparseinfer runs and a block of onnxruntime runs, so machine noise
 hits both alike; the ratio of medians is the figure to quote (absolute times drift ±30% here).
+Before each block the harness pauses briefly: both runtimes leave their worker threads
+spin-waiting after a run, and without the pause one engine's spinning threads take the cores
+from the other's first runs (measured here: it inflated batch-1 times by a third).
 Both use the same number of threads. Start-up is measured in fresh processes: the first result
 with an empty Numba cache (cold) and with the cache filled by the previous process (warm).
 Writes benchmarks/results/bert-dense.{md,json}.
@@ -59,6 +62,18 @@ def stats(times: list[float], batch: int) -> dict:
     }
 
 
+PAUSE_S = 0.1  # longer than either runtime's spin-wait after a run
+BLOCK = 3  # runs per block
+
+
+def _block(fn, times: list[float]) -> None:
+    time.sleep(PAUSE_S)
+    for _ in range(BLOCK):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+
+
 def bench_shape(engine: Engine, session: ort.InferenceSession, batch: int, seq: int, vocab: int, rounds: int, warmup: int) -> dict:
     feeds = make_feeds(batch, seq, vocab)
     t0 = time.perf_counter()
@@ -71,13 +86,10 @@ def bench_shape(engine: Engine, session: ort.InferenceSession, batch: int, seq: 
         session.run(None, feeds)
     t_ours, t_ort = [], []
     for _ in range(rounds):
-        t = time.perf_counter()
-        engine.run(feeds)
-        t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        session.run(None, feeds)
-        t_ort.append(time.perf_counter() - t)
+        _block(lambda: engine.run(feeds), t_ours)
+        _block(lambda: session.run(None, feeds), t_ort)
     ops: dict[str, float] = {}
+    time.sleep(PAUSE_S)
     for _ in range(3):
         for row in engine.profile(feeds):
             key = f"{row['op']} ({row['kind']})"
@@ -148,7 +160,8 @@ def to_markdown(report: dict) -> str:
         f"# Dense fp32 BERT-base ({report['config']['layers']} layers, hidden {report['config']['hidden']}): sparseinfer vs onnxruntime",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; threads: {report['threads']}; numba {m['numba']}, onnxruntime {m['onnxruntime']}.",
-        f"Same process, alternating runs, {report['rounds']} rounds per shape. Ratio = sparseinfer median / onnxruntime median (lower is better).",
+        f"Same process, alternating blocks of {BLOCK} runs with a {PAUSE_S}s pause before each, {report['rounds']} rounds per shape. "
+        "Ratio = sparseinfer median / onnxruntime median (lower is better).",
         "",
         "| batch | seq | sparseinfer median ms | onnxruntime median ms | ratio | sparseinfer items/s | onnxruntime items/s | max abs diff |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",

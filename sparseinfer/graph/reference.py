@@ -623,20 +623,23 @@ def dense(x, w, bias=None, residual=None, *, activation="none"):
 
 
 @register("Attention", domain=ENGINE_DOMAIN)
-def attention(q, k, v, mask=None, *, num_heads, scale):
-    """Multi-head scaled dot-product attention on [B, S, H*D] projections; `mask` is added to the
-    scores and broadcasts to [B, H, S, S]. Returns [B, S, H*D]."""
-    b, s, hd = q.shape
+def attention(q, k, v, mask=None, *, num_heads, scale, hidden=0, q_offset=0, k_offset=0, v_offset=0):
+    """Multi-head scaled dot-product attention. Q, K and V are the `hidden` (= H*D; default: all)
+    columns of q, k, v ([B, S, *]) starting at their offsets, so one fused QKV projection can feed
+    all three. `mask` is added to the scores and broadcasts to [B, H, S, S]. Returns [B, S, hidden]."""
+    hd = hidden or q.shape[-1]
+    b, s = q.shape[:2]
     d = hd // num_heads
 
-    def heads(t):
-        return t.astype(np.float64).reshape(b, t.shape[1], num_heads, d).transpose(0, 2, 1, 3)
+    def heads(t, offset):
+        t = t[..., offset : offset + hd].astype(np.float64)
+        return t.reshape(b, t.shape[1], num_heads, d).transpose(0, 2, 1, 3)
 
-    scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) * scale
+    scores = heads(q, q_offset) @ heads(k, k_offset).transpose(0, 1, 3, 2) * scale
     if mask is not None:
         scores = scores + mask
     probs = _softmax(scores, -1)
-    return (probs @ heads(v)).transpose(0, 2, 1, 3).reshape(b, s, hd).astype(q.dtype)
+    return (probs @ heads(v, v_offset)).transpose(0, 2, 1, 3).reshape(b, s, hd).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------- the executor

@@ -576,7 +576,9 @@ def _dense(node, ins, vals):
 
 @rule("sparseinfer::Attention")
 def _attention(node, ins, vals):
-    return [_same(ins[0])]
+    q = ins[0].shape
+    hidden = node.attrs.get("hidden", 0)
+    return [TensorInfo(ins[0].dtype, q if q is None or not hidden else tuple(q[:-1]) + (hidden,))]
 
 
 # ------------------------------------------------------------------ driver

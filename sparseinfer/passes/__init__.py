@@ -1,7 +1,7 @@
 """Graph rewrites: the pass manager, cleanup, fusions (later: sparsity layouts, int8)."""
 
 from .cleanup import eliminate_dead_code, eliminate_noops, fold_constants
-from .fusion import fuse_attention, fuse_dense, fuse_gelu, fuse_layernorm, narrow_attention_mask
+from .fusion import fuse_attention, fuse_dense, fuse_gelu, fuse_layernorm, merge_qkv, narrow_attention_mask
 from .manager import FunctionPass, IRDump, Pass, PassContext, PassError, PassInstrument, PassTimings, Sequential, function_pass
 
 
@@ -17,6 +17,7 @@ def default_pipeline() -> Sequential:
             fuse_dense,
             fuse_attention,  # after fuse_dense: Q, K and V are Dense outputs
             narrow_attention_mask,
+            merge_qkv,  # after fuse_attention: only projections that feed one Attention are merged
             eliminate_dead_code,
         ],
         name="default",
@@ -26,5 +27,5 @@ def default_pipeline() -> Sequential:
 __all__ = [
     "FunctionPass", "IRDump", "Pass", "PassContext", "PassError", "PassInstrument", "PassTimings", "Sequential", "function_pass",
     "default_pipeline", "eliminate_dead_code", "eliminate_noops", "fold_constants",
-    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "narrow_attention_mask",
+    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask",
 ]  # fmt: skip

@@ -477,3 +477,50 @@ def narrow_attention_mask(graph: Graph, ctx: PassContext) -> int:
         graph.replace_node(node, node.replace(inputs=node.inputs[:3] + (row,)))
         changed += 1
     return changed
+
+
+# ----------------------------------------------------------------------------- QKV projection
+
+
+def _projection(graph: Graph, ix: Index, name: str, attention: Node) -> Node | None:
+    """The Dense computing `name`, if it is a plain linear projection read only by `attention`."""
+    p = ix.producer(name)
+    if p is None or p.domain != ENGINE_DOMAIN or p.op != "Dense" or p.attrs.get("activation", "none") != "none":
+        return None
+    if len(p.inputs) > 3 and p.inputs[3]:  # a residual
+        return None
+    users = ix.cons.get(name, [])
+    return p if all(u is attention or u == attention for u in users) and name not in graph.outputs else None
+
+
+@function_pass("merge_qkv", opt_level=2, requires=("fuse_attention",))
+def merge_qkv(graph: Graph, ctx: PassContext) -> int:
+    """Three Dense projections of one input feeding an Attention → one Dense over [Wq | Wk | Wv]
+    (one large matmul instead of three; Attention reads Q, K and V at column offsets)."""
+    changed = 0
+    for stale in graph.nodes:
+        node = graph.current(stale)
+        if node.domain != ENGINE_DOMAIN or node.op != "Attention" or node.attrs.get("hidden", 0):
+            continue
+        ix = Index(graph)
+        dense = [_projection(graph, ix, name, node) for name in node.inputs[:3]]
+        if any(d is None for d in dense) or len({id(d) for d in dense}) != 3 or len({d.inputs[0] for d in dense}) != 1:
+            continue
+        weights = [graph.const(d.inputs[1]) for d in dense]
+        has_bias = [len(d.inputs) > 2 and bool(d.inputs[2]) for d in dense]
+        if len({w.shape for w in weights}) != 1 or len(set(has_bias)) != 1:
+            continue
+        hidden = weights[0].shape[1]
+        w = graph.add_constant(graph.fresh_name("qkv_weight"), np.concatenate(weights, axis=1))
+        inputs = (dense[0].inputs[0], w)
+        if has_bias[0]:
+            inputs += (graph.add_constant(graph.fresh_name("qkv_bias"), np.concatenate([graph.const(d.inputs[2]) for d in dense])),)
+        qkv = graph.fresh_name(f"{node.name or 'attention'}_qkv")
+        x_info = graph.info(dense[0].inputs[0])
+        fused = Node("Dense", inputs, (qkv,), {"activation": "none"}, name=f"{node.name}_qkv", domain=ENGINE_DOMAIN)
+        graph.add_node(fused, [TensorInfo(x_info.dtype, tuple(x_info.shape[:-1]) + (3 * hidden,))], index=graph.nodes.index(node))
+        attrs = dict(node.attrs, hidden=hidden, q_offset=0, k_offset=hidden, v_offset=2 * hidden)
+        graph.replace_node(node, node.replace(inputs=(qkv, qkv, qkv) + node.inputs[3:], attrs=attrs))
+        changed += 1
+    graph.remove_unused()
+    return changed

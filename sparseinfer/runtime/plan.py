@@ -137,7 +137,9 @@ class Plan:
         g = self.graph
         q, k, v = node.inputs[:3]
         mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
-        b, s, hd = g.info(q).shape
+        b, s = g.info(q).shape[:2]
+        hd = node.attrs.get("hidden", 0) or g.info(q).shape[2]
+        cols = [int(node.attrs.get(f"{t}_offset", 0)) for t in "qkv"]
         h = node.attrs["num_heads"]
         d = hd // h
         if mask is not None:
@@ -157,7 +159,7 @@ class Plan:
             kt, vp, pw = (arena[n] for n in ws_names)
             threads = max(1, min(k_attention.numba.get_num_threads(), kt.shape[0], b * h))
             k_attention.attention_packed(
-                _rows(env[q]), _rows(env[k]), _rows(env[v]), 0, 0, 0, m, b, s, h, d, scale, _rows(out), kt, vp, pw, threads
+                _rows(env[q]), _rows(env[k]), _rows(env[v]), *cols, m, b, s, h, d, scale, _rows(out), kt, vp, pw, threads
             )
 
         flops = 4 * b * h * s * s * d
