@@ -7,6 +7,7 @@ distinct set of shapes gets its own plan, cached.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,19 @@ from ..graph.ir import Shape
 from ..graph.shapes import bind_dims
 from ..passes import PassContext, default_pipeline
 from .plan import Plan, WeightCache
+
+
+# Numba's "workqueue" threading layer (used where neither OpenMP nor TBB is available) aborts the
+# process if two threads launch parallel kernels at once; runs are serialised on it.
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def _parallel_lock() -> threading.Lock | contextlib.nullcontext:
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer is chosen at the first one
+        return _WORKQUEUE_LOCK
+    return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
 class InputError(ValueError):
@@ -93,7 +107,9 @@ class Engine:
         feeds = self._check_inputs(inputs)
         if self.num_threads is not None:
             numba.set_num_threads(self.num_threads)  # Numba's setting is per calling thread
-        return self._plan_for(feeds).run(feeds)
+        plan = self._plan_for(feeds)
+        with _parallel_lock():
+            return plan.run(feeds)
 
     __call__ = run
 
@@ -107,7 +123,9 @@ class Engine:
         if self.num_threads is not None:
             numba.set_num_threads(self.num_threads)
         timings: list = []
-        self._plan_for(feeds).run(feeds, timings=timings)
+        plan = self._plan_for(feeds)
+        with _parallel_lock():
+            plan.run(feeds, timings=timings)
         return [
             {"node": st.node.name or st.node.outputs[0], "op": st.node.op, "kind": st.kind, "ms": 1e3 * t, "flops": st.flops}
             for st, t in timings
