@@ -611,8 +611,9 @@ ACTIVATIONS = {
 
 
 @register("Dense", domain=ENGINE_DOMAIN)
-def dense(x, w, bias=None, residual=None, *, activation="none"):
-    """activation(x @ w + bias) + residual, with x [..., K] and a constant w [K, N]."""
+def dense(x, w, bias=None, residual=None, *, activation="none", layout="dense", block=()):
+    """activation(x @ w + bias) + residual, with x [..., K] and a constant w [K, N]. `layout` and
+    `block` say how the planner stores w (dense, CSR, BSR); they do not change the result."""
     y = np.matmul(x.astype(np.float64), w.astype(np.float64))
     if bias is not None:
         y = y + bias

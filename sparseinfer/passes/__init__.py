@@ -3,6 +3,7 @@
 from .cleanup import eliminate_dead_code, eliminate_noops, fold_constants
 from .fusion import fuse_attention, fuse_dense, fuse_gelu, fuse_layernorm, merge_qkv, narrow_attention_mask
 from .manager import FunctionPass, IRDump, Pass, PassContext, PassError, PassInstrument, PassTimings, Sequential, function_pass
+from .sparsity import SparsityConfig, analyze_weight, choose_sparse_layouts
 
 
 def default_pipeline() -> Sequential:
@@ -18,6 +19,7 @@ def default_pipeline() -> Sequential:
             fuse_attention,  # after fuse_dense: Q, K and V are Dense outputs
             narrow_attention_mask,
             merge_qkv,  # after fuse_attention: only projections that feed one Attention are merged
+            choose_sparse_layouts,  # after merge_qkv: the merged weight is the one that gets stored
             eliminate_dead_code,
         ],
         name="default",
@@ -27,5 +29,5 @@ def default_pipeline() -> Sequential:
 __all__ = [
     "FunctionPass", "IRDump", "Pass", "PassContext", "PassError", "PassInstrument", "PassTimings", "Sequential", "function_pass",
     "default_pipeline", "eliminate_dead_code", "eliminate_noops", "fold_constants",
-    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask",
+    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask", "choose_sparse_layouts", "SparsityConfig", "analyze_weight",
 ]  # fmt: skip

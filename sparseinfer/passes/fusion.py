@@ -511,13 +511,14 @@ def merge_qkv(graph: Graph, ctx: PassContext) -> int:
         if len({w.shape for w in weights}) != 1 or len(set(has_bias)) != 1:
             continue
         hidden = weights[0].shape[1]
-        w = graph.add_constant(graph.fresh_name("qkv_weight"), np.concatenate(weights, axis=1))
+        w = graph.add_constant(graph.fresh_name(f"{dense[0].inputs[1]}_qkv"), np.concatenate(weights, axis=1))
         inputs = (dense[0].inputs[0], w)
         if has_bias[0]:
-            inputs += (graph.add_constant(graph.fresh_name("qkv_bias"), np.concatenate([graph.const(d.inputs[2]) for d in dense])),)
-        qkv = graph.fresh_name(f"{node.name or 'attention'}_qkv")
+            bias = np.concatenate([graph.const(d.inputs[2]) for d in dense])
+            inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[2]}_qkv"), bias),)
+        qkv = graph.fresh_name(f"{dense[0].outputs[0]}_qkv")
         x_info = graph.info(dense[0].inputs[0])
-        fused = Node("Dense", inputs, (qkv,), {"activation": "none"}, name=f"{node.name}_qkv", domain=ENGINE_DOMAIN)
+        fused = Node("Dense", inputs, (qkv,), {"activation": "none"}, name=f"{dense[0].name or 'query'}_qkv", domain=ENGINE_DOMAIN)
         graph.add_node(fused, [TensorInfo(x_info.dtype, tuple(x_info.shape[:-1]) + (3 * hidden,))], index=graph.nodes.index(node))
         attrs = dict(node.attrs, hidden=hidden, q_offset=0, k_offset=hidden, v_offset=2 * hidden)
         graph.replace_node(node, node.replace(inputs=(qkv, qkv, qkv) + node.inputs[3:], attrs=attrs))

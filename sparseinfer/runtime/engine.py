@@ -19,10 +19,10 @@ import onnx
 
 from ..graph import Graph, import_onnx
 from ..graph.ir import Shape
+from ..graph.reference import ENGINE_DOMAIN
 from ..graph.shapes import bind_dims
-from ..passes import PassContext, default_pipeline
+from ..passes import PassContext, analyze_weight, default_pipeline
 from .plan import Plan, WeightCache
-
 
 # Numba's "workqueue" threading layer (used where neither OpenMP nor TBB is available) aborts the
 # process if two threads launch parallel kernels at once; runs are serialised on it.
@@ -130,6 +130,46 @@ class Engine:
             {"node": st.node.name or st.node.outputs[0], "op": st.node.op, "kind": st.kind, "ms": 1e3 * t, "flops": st.flops}
             for st, t in timings
         ]
+
+    def describe(self) -> list[dict]:
+        """Every Dense weight after optimisation: shape, measured sparsity, the storage chosen
+        for it (layout, block) and the multiply-adds per token it costs, dense and as stored."""
+        if self._plans:
+            graph = next(iter(self._plans.values())).graph
+        else:  # layouts do not depend on the bound shapes: optimise once with open dims set to 1
+            graph = bind_dims(
+                self._graph, {n: tuple(d if isinstance(d, int) else 1 for d in self._graph.info(n).shape or ()) for n in self._graph.inputs}
+            )
+            default_pipeline()(graph, PassContext(opt_level=self.opt_level, config=self.pass_config))
+        rows = []
+        for node in graph.nodes:
+            if node.op != "Dense" or node.domain != ENGINE_DOMAIN:
+                continue
+            w = graph.const(node.inputs[1])
+            stats = analyze_weight(w)
+            layout = node.attrs.get("layout", "dense")
+            block = tuple(node.attrs.get("block") or ()) or None
+            dense_flops = 2 * w.size
+            if layout == "csr":
+                stored = 2 * int(np.count_nonzero(w))
+            elif layout == "bsr":
+                stored = int(round(dense_flops * stats.density("bsr", block)))
+            else:
+                stored = dense_flops
+            rows.append(
+                {
+                    "node": node.name or node.outputs[0],
+                    "weight": node.inputs[1],
+                    "shape": tuple(w.shape),
+                    "sparsity": stats.sparsity,
+                    "layout": layout,
+                    "block": block,
+                    "flops_per_token": dense_flops,
+                    "stored_flops_per_token": stored,
+                    "flops_saved": 1.0 - stored / dense_flops,
+                }
+            )
+        return rows
 
     def plan(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> Plan:
         """The compiled plan that `run` uses for inputs of these shapes (compiled on first use)."""

@@ -1,0 +1,123 @@
+"""Measure each Dense weight's sparsity and block structure, and choose how to store it.
+
+The choice is recorded on the node (`layout` = "dense" | "csr" | "bsr", `block` = (r, c) in the
+weight's [K, N] orientation); the weight itself stays a dense constant in the IR, so the
+reference semantics do not change and the planner packs it for the chosen kernel.
+
+A sparse kernel only pays below a density where it beats the dense kernel; those break-even
+densities were measured with `benchmarks/sparse_breakeven.py` on BERT-base shapes and are the
+defaults below. Override them, force a layout, or pin single weights through
+`PassContext(config={"sparsity": {...}})` (see `SparsityConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..graph import Graph
+from ..graph.reference import ENGINE_DOMAIN
+from .manager import PassContext, function_pass
+
+# Block shapes the kernels implement, in the weight's [K, N] orientation.
+BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1))
+# Highest density (fraction of non-zero elements, or of non-zero blocks) at which each format
+# still beats the dense kernel; measured by benchmarks/sparse_breakeven.py.
+MAX_DENSITY = {"csr": 0.3, "bsr": 0.5}
+
+
+@dataclass
+class SparsityConfig:
+    """How the layout pass decides. `layout`: "auto" (measure and choose), or force "dense",
+    "csr", "bsr" for every weight; `per_weight`: {weight name: layout or (layout, block)};
+    `max_density`: break-even overrides per format; `blocks`: block shapes to consider."""
+
+    layout: str = "auto"
+    per_weight: dict = field(default_factory=dict)
+    max_density: dict = field(default_factory=lambda: dict(MAX_DENSITY))
+    blocks: tuple = BLOCKS
+
+    @classmethod
+    def from_context(cls, ctx: PassContext) -> SparsityConfig:
+        raw = ctx.config.get("sparsity", {})
+        if isinstance(raw, SparsityConfig):
+            return raw
+        unknown = set(raw) - {"layout", "per_weight", "max_density", "blocks"}
+        if unknown:
+            raise ValueError(f"unknown sparsity setting(s) {sorted(unknown)}; known: layout, per_weight, max_density, blocks")
+        cfg = cls(**{k: v for k, v in raw.items() if k != "max_density"})
+        cfg.max_density.update(raw.get("max_density", {}))
+        if cfg.layout not in ("auto", "dense", "csr", "bsr"):
+            raise ValueError(f"sparsity layout must be 'auto', 'dense', 'csr' or 'bsr', got {cfg.layout!r}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """What the pass measured about one weight."""
+
+    shape: tuple[int, int]
+    sparsity: float  # fraction of exactly-zero elements
+    block_sparsity: dict  # block shape → fraction of all-zero blocks (only blocks that tile the weight)
+
+    def density(self, layout: str, block: tuple[int, int] | None = None) -> float:
+        return 1.0 - (self.block_sparsity[block] if layout == "bsr" else self.sparsity if layout == "csr" else 0.0)
+
+
+def analyze_weight(w: np.ndarray, blocks=BLOCKS) -> WeightStats:
+    """Sparsity of a [K, N] weight, and the fraction of all-zero blocks for each block shape."""
+    zero = w == 0
+    per_block = {}
+    k, n = w.shape
+    for r, c in blocks:
+        if k % r == 0 and n % c == 0:
+            per_block[(r, c)] = float(zero.reshape(k // r, r, n // c, c).all(axis=(1, 3)).mean())
+    return WeightStats((k, n), float(zero.mean()), per_block)
+
+
+def choose_layout(stats: WeightStats, cfg: SparsityConfig) -> tuple[str, tuple[int, int] | None]:
+    """The layout with the lowest density under its break-even; dense if none qualifies.
+    A block format wins only if its blocks are as sparse as the elements (no zeros stored)."""
+    if cfg.layout != "auto":
+        if cfg.layout == "bsr":
+            usable = [b for b in cfg.blocks if b in stats.block_sparsity]
+            if not usable:
+                raise ValueError(f"no block shape in {list(cfg.blocks)} tiles a weight of shape {stats.shape}")
+            return "bsr", max(usable, key=lambda b: stats.block_sparsity[b])
+        return cfg.layout, None
+    best: tuple[str, tuple[int, int] | None] = ("dense", None)
+    for b, frac in stats.block_sparsity.items():
+        if b in cfg.blocks and 1.0 - frac <= cfg.max_density["bsr"] and frac >= stats.sparsity - 1e-9:
+            if best[0] != "bsr" or frac > stats.block_sparsity[best[1]]:
+                best = ("bsr", b)
+    if best[0] == "dense" and 1.0 - stats.sparsity <= cfg.max_density["csr"]:
+        best = ("csr", None)
+    return best
+
+
+@function_pass("choose_sparse_layouts", opt_level=2, requires=("fuse_dense",))
+def choose_sparse_layouts(graph: Graph, ctx: PassContext) -> int:
+    """Record on every Dense node the storage its weight will get (dense, CSR or BSR)."""
+    cfg = SparsityConfig.from_context(ctx)
+    changed = 0
+    for stale in graph.nodes:
+        node = graph.current(stale)
+        if node.domain != ENGINE_DOMAIN or node.op != "Dense":
+            continue
+        w = graph.const(node.inputs[1])
+        if w is None or w.ndim != 2:
+            continue
+        stats = analyze_weight(w, cfg.blocks)
+        pinned = cfg.per_weight.get(node.inputs[1])
+        if pinned is not None:
+            layout, block = (pinned, None) if isinstance(pinned, str) else (pinned[0], tuple(pinned[1]))
+            if layout == "bsr" and block is None:
+                layout, block = choose_layout(stats, SparsityConfig(layout="bsr", blocks=cfg.blocks))
+        else:
+            layout, block = choose_layout(stats, cfg)
+        attrs = dict(node.attrs, layout=layout, block=list(block) if block else [])
+        if attrs != node.attrs:
+            graph.replace_node(node, node.replace(attrs=attrs))
+            changed += 1
+    return changed
