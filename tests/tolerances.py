@@ -1,5 +1,53 @@
 """Tolerances, stated once. Integer (int8/int32) paths are compared exactly."""
 
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
 # Whole-model parity against onnxruntime (fp32): the issue's bound.
 MODEL_ATOL = 1e-4
 MODEL_RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Tol:
+    """rtol, and an atol that grows like sqrt(k) when the kernel sums k products: fp32 rounding
+    errors of a length-k dot product of O(1) terms with random signs grow like sqrt(k)."""
+
+    rtol: float
+    atol: float
+    per_sqrt_k: bool = False
+
+    def __call__(self, k: int = 1) -> dict[str, float]:
+        atol = self.atol * max(1.0, math.sqrt(k)) if self.per_sqrt_k else self.atol
+        return {"rtol": self.rtol, "atol": atol}
+
+
+# Numba kernels (fp32 arithmetic) against the float64 NumPy reference in sparseinfer/graph/reference.py,
+# per (kernel, dtype). Why each bound is what it is:
+KERNEL_TOL: dict[tuple[str, np.dtype], Tol] = {
+    # fp32 FMA accumulation over K (the only fastmath flag is `contract`); k = K.
+    ("dense", np.dtype(np.float32)): Tol(rtol=1e-4, atol=1e-4, per_sqrt_k=True),
+    # Q·Kᵀ sums over D, then P·V over S keys with P in [0, 1]; fp32 softmax with the Cephes exp
+    # (2 ulp) and a reassociated row sum; k = D (the longer, O(1)-term reduction).
+    ("attention", np.dtype(np.float32)): Tol(rtol=1e-4, atol=1e-4, per_sqrt_k=True),
+    # two-pass mean / variance with fp32 (reassociated) row sums, scaled by gamma ~ N(0, 1).
+    ("layernorm", np.dtype(np.float32)): Tol(rtol=1e-4, atol=1e-4),
+    # the rational fp32 erf: 4.2e-7 absolute error evaluated in fp32.
+    ("gelu", np.dtype(np.float32)): Tol(rtol=1e-5, atol=1e-6),
+    # libm erf in float64, rounded once to fp32.
+    ("gelu_exact", np.dtype(np.float32)): Tol(rtol=1e-6, atol=1e-7),
+    # Cephes expf: at most ~2 ulp relative to float64 exp on [-87.3, 88.7].
+    ("exp", np.dtype(np.float32)): Tol(rtol=3e-7, atol=0.0),
+    # A compiled Plan (a chain of the fp32 kernels above, two encoder layers) against the reference
+    # executor on the same optimised graph: the kernel errors compound through the layers.
+    ("plan", np.dtype(np.float32)): Tol(rtol=1e-4, atol=1e-4),
+}
+
+
+def tolerance(kernel: str, dtype=np.float32, k: int = 1) -> dict[str, float]:
+    """`rtol` / `atol` keyword arguments for np.testing.assert_allclose."""
+    return KERNEL_TOL[(kernel, np.dtype(dtype))](k)

@@ -84,6 +84,7 @@ __all__ = [
     "ACT_GELU",
     "ACT_GELU_EXACT",
     "ACT_TANH",
+    "ACT_RELU",
     "MR",
     "NR",
     "MC",
@@ -101,6 +102,7 @@ ACT_NONE = 0
 ACT_GELU = 1
 ACT_GELU_EXACT = 2
 ACT_TANH = 3
+ACT_RELU = 4
 
 
 @intrinsic
@@ -183,6 +185,8 @@ def _activate(v, act):
         return np.float32(0.5 * v * (1.0 + math.erf(v * 0.7071067811865476)))
     elif act == ACT_TANH:
         return np.float32(math.tanh(v))
+    elif act == ACT_RELU:
+        return v if not v < 0 else np.float32(0.0)  # NaN passes through, as np.maximum(v, 0) does
     return v
 
 

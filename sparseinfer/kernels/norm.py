@@ -36,17 +36,17 @@ _ROWS_PER_TASK = 4
 
 @njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
 def _row_sum(a, r, n):
-    s = np.float32(0.0)
+    s = 0.0  # float64: an fp32 mean of a near-constant row is off by an ulp, which 1/sqrt(eps) magnifies
     for j in range(n):
-        s += a[r, j]
+        s += np.float64(a[r, j])
     return s
 
 
 @njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
 def _row_sqdev(a, r, n, mu):
-    s = np.float32(0.0)
+    s = 0.0
     for j in range(n):
-        d = a[r, j] - mu
+        d = np.float64(a[r, j]) - mu
         s += d * d
     return s
 
@@ -55,7 +55,7 @@ def _row_sqdev(a, r, n, mu):
 def layernorm_packed(x, residual, gamma, beta, eps, out):
     """out = layernorm(x + residual) (residual may be None); x/out [M, N]."""
     M, N = x.shape
-    inv_n = np.float32(1.0) / np.float32(N)
+    inv_n = 1.0 / N
     ntask = (M + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for t in prange(ntask):
         for r in range(t * _ROWS_PER_TASK, min(M, (t + 1) * _ROWS_PER_TASK)):
@@ -67,9 +67,9 @@ def layernorm_packed(x, residual, gamma, beta, eps, out):
                 src = x
             mu = _row_sum(src, r, N) * inv_n
             var = _row_sqdev(src, r, N, mu) * inv_n
-            rstd = np.float32(1.0) / np.float32(math.sqrt(var + eps))
+            rstd = 1.0 / math.sqrt(var + np.float64(eps))
             for j in range(N):
-                out[r, j] = (src[r, j] - mu) * rstd * gamma[j] + beta[j]
+                out[r, j] = np.float32((np.float64(src[r, j]) - mu) * rstd) * gamma[j] + beta[j]
 
 
 def layernorm(x, gamma, beta, eps=1e-12, residual=None, out=None):

@@ -37,6 +37,18 @@ def _parallel_lock() -> threading.Lock | contextlib.nullcontext:
     return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with `n` Numba threads (None: all of them), restoring the caller's setting after:
+    Numba's thread count is per calling thread and would otherwise leak into later runs."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n or numba.config.NUMBA_NUM_THREADS)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 class InputError(ValueError):
     """Inputs given to Engine.run do not match the model's inputs."""
 
@@ -105,10 +117,8 @@ class Engine:
     def run(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Inputs as a list in `input_names` order or a dict by name → outputs in `output_names` order."""
         feeds = self._check_inputs(inputs)
-        if self.num_threads is not None:
-            numba.set_num_threads(self.num_threads)  # Numba's setting is per calling thread
         plan = self._plan_for(feeds)
-        with _parallel_lock():
+        with _parallel_lock(), _threads(self.num_threads):
             return plan.run(feeds)
 
     __call__ = run
@@ -120,11 +130,9 @@ class Engine:
     def profile(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[dict]:
         """Run once and time every step: one row per node with its op, kernel or reference, and ms."""
         feeds = self._check_inputs(inputs)
-        if self.num_threads is not None:
-            numba.set_num_threads(self.num_threads)
         timings: list = []
         plan = self._plan_for(feeds)
-        with _parallel_lock():
+        with _parallel_lock(), _threads(self.num_threads):
             plan.run(feeds, timings=timings)
         return [
             {"node": st.node.name or st.node.outputs[0], "op": st.node.op, "kind": st.kind, "ms": 1e3 * t, "flops": st.flops}

@@ -24,7 +24,7 @@ from ..kernels import dense as k_dense
 from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 
-_DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH}
+_DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH, "relu": k_dense.ACT_RELU}
 
 
 @dataclass
@@ -109,11 +109,13 @@ class Plan:
         act = _DENSE_ACT.get(node.attrs.get("activation", "none"))
         if act is None or g.const(w) is None or g.const(w).dtype != np.float32:
             return None
-        packed = self.weights.packed(w, g.const(w))
-        b = None if bias is None else np.ascontiguousarray(g.const(bias), np.float32)
-        if bias is not None and b is None:
-            return None
         k, n = g.const(w).shape
+        if bias is not None and (g.const(bias) is None or g.const(bias).size != n):
+            return None  # a bias computed at run time, or one that broadcasts: the reference handles it
+        if residual is not None and g.info(residual).shape != g.info(node.outputs[0]).shape:
+            return None
+        packed = self.weights.packed(w, g.const(w))
+        b = None if bias is None else np.ascontiguousarray(g.const(bias).reshape(n), np.float32)
         m = int(np.prod(g.info(x).shape[:-1]))
 
         def call(env, out, arena):
@@ -128,8 +130,16 @@ class Plan:
         beta = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
         if g.const(gamma) is None or (beta is not None and g.const(beta) is None):
             return None
-        gm = np.ascontiguousarray(g.const(gamma).reshape(-1), np.float32)
-        bt = np.zeros_like(gm) if beta is None else np.ascontiguousarray(g.const(beta).reshape(-1), np.float32)
+        n = g.info(x).shape[-1]
+        try:  # ONNX lets scale and bias broadcast (e.g. shape [1]); the kernel reads n of each
+            gm = np.ascontiguousarray(np.broadcast_to(g.const(gamma).reshape(-1), (n,)), np.float32)
+            bt = (
+                np.zeros(n, np.float32)
+                if beta is None
+                else np.ascontiguousarray(np.broadcast_to(g.const(beta).reshape(-1), (n,)), np.float32)
+            )
+        except ValueError:
+            return None
         eps = np.float32(node.attrs.get("epsilon", 1e-5))
         return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _rows(out)))
 
@@ -144,8 +154,8 @@ class Plan:
         d = hd // h
         if mask is not None:
             ms = g.info(mask).shape
-            if len(ms) != 4 or ms[1] != 1 or ms[2] != 1 or ms[0] not in (1, b):
-                return None  # a mask varying per query row: the reference handles it
+            if len(ms) != 4 or ms[1] != 1 or ms[2] != 1 or ms[0] not in (1, b) or ms[3] not in (1, s):
+                return None  # a mask varying per query row (or head): the reference handles it
         scale = np.float32(node.attrs["scale"])
         nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
         shapes = k_attention.workspace_shapes(s, d, nth)
@@ -155,7 +165,7 @@ class Plan:
         def call(env, out, arena):
             m = None
             if mask is not None:
-                m = np.ascontiguousarray(np.broadcast_to(env[mask].reshape(-1, s), (b, s)), np.float32)
+                m = np.ascontiguousarray(np.broadcast_to(env[mask].reshape(ms[0], ms[3]), (b, s)), np.float32)
             kt, vp, pw = (arena[n] for n in ws_names)
             threads = max(1, min(k_attention.numba.get_num_threads(), kt.shape[0], b * h))
             k_attention.attention_packed(
@@ -166,16 +176,39 @@ class Plan:
         return self._kernel(node, call, flops)
 
     # ------------------------------------------------------------------ buffers
+    def _aliases(self) -> dict[str, frozenset[str]]:
+        """For each value, the kernel outputs whose buffer it may share memory with. A kernel
+        output is its own buffer; a reference step may return a NumPy view of an input (Reshape,
+        Squeeze, Split, Transpose…), so its outputs conservatively alias all of its inputs'."""
+        alias: dict[str, frozenset[str]] = {}
+        for st in self.steps:
+            if st.kind == "kernel":
+                alias[st.node.outputs[0]] = frozenset(st.node.outputs[:1])
+            else:
+                shared = frozenset().union(*(alias.get(i, frozenset()) for i in st.node.inputs if i))
+                for o in st.node.outputs:
+                    if o:
+                        alias[o] = shared
+        return alias
+
     def _plan_buffers(self) -> BufferPlan:
         """Greedy reuse by liveness: a kernel output takes the smallest free slot big enough,
-        or a new one; a slot is free again after the last reader of its value has run."""
+        or a new one; a slot is free again once every value that may alias it has been read
+        for the last time (graph outputs stay live to the end)."""
         g = self.graph
-        last_use: dict[str, int] = {}
+        alias = self._aliases()
+        end = len(self.steps)
+        last_use: dict[str, int] = {}  # kernel output → last step reading it or any alias of it
         for i, st in enumerate(self.steps):
             for name in st.node.inputs:
-                last_use[name] = i
+                for root in alias.get(name, ()):
+                    last_use[root] = i
+        for name in g.outputs:
+            for root in alias.get(name, ()):
+                last_use[root] = end
         plan = BufferPlan()
         free: list[int] = []
+        releases: dict[int, list[str]] = {}
         for i, st in enumerate(self.steps):
             if st.kind == "kernel":
                 out = st.node.outputs[0]
@@ -193,9 +226,10 @@ class Plan:
                     slot = len(plan.slot_bytes)
                     plan.slot_bytes.append(need)
                 plan.slot_of[out] = slot
-            for name in set(st.node.inputs):
-                if name in plan.slot_of and last_use.get(name) == i and name not in g.outputs:
-                    free.append(plan.slot_of[name])
+                releases.setdefault(last_use.get(out, i), []).append(out)
+            for root in releases.pop(i, ()):
+                free.append(plan.slot_of[root])
+        self._output_aliases = {o: bool(alias.get(o)) for o in g.outputs}
         return plan
 
     def _new_arena(self) -> dict[str, np.ndarray]:
@@ -228,8 +262,8 @@ class Plan:
                 st.fn(env, arena)
                 if timings is not None:
                     timings.append((st, time.perf_counter() - t0))
-            # outputs may sit in reused buffers: hand out copies the next run cannot overwrite
-            return [np.array(env[o], copy=True) if o in self.buffers.slot_of else env[o] for o in self.graph.outputs]
+            # outputs may sit in (or view) reused buffers: hand out copies the next run cannot overwrite
+            return [np.array(env[o], copy=True) if self._output_aliases[o] else env[o] for o in self.graph.outputs]
         finally:
             self._arenas.put(arena)
 

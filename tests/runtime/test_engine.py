@@ -161,3 +161,13 @@ def test_concurrent_runs_from_threads_give_identical_results(engine):
     for i, shape in enumerate(shapes):
         for a, b in zip(results[i], reference[shape]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_num_threads_does_not_leak_into_the_callers_setting():
+    """Numba's thread count is per calling thread: an engine pinned to one thread must not leave
+    the caller (or a later engine without num_threads) at one thread."""
+    import numba
+
+    before = numba.get_num_threads()
+    Engine(FIXTURES / PATH, num_threads=1).run(make_inputs(ENTRY, 1, 4))
+    assert numba.get_num_threads() == before
