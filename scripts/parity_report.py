@@ -15,11 +15,10 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.conftest import FIXTURES, MANIFEST, make_inputs  # noqa: E402
-from tests.graph.test_fixture_parity import SHAPES  # noqa: E402
-
 from sparseinfer import Engine  # noqa: E402
 from sparseinfer.graph import import_onnx, run_graph  # noqa: E402
+from tests.conftest import FIXTURES, MANIFEST, make_inputs  # noqa: E402
+from tests.graph.test_fixture_parity import SHAPES  # noqa: E402
 
 
 def main() -> int:
