@@ -8,7 +8,18 @@ logits, = engine(inputs)
 from .graph import ModelLoadError, UnsupportedOpError, import_onnx
 from .passes.prune import prune, weight_sparsity
 from .runtime import Engine, InputError
+from .tasks import Pipeline
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Engine", "InputError", "ModelLoadError", "UnsupportedOpError", "import_onnx", "prune", "weight_sparsity", "__version__"]
+__all__ = [
+    "Engine",
+    "InputError",
+    "Pipeline",
+    "ModelLoadError",
+    "UnsupportedOpError",
+    "import_onnx",
+    "prune",
+    "weight_sparsity",
+    "__version__",
+]

@@ -51,3 +51,16 @@ KERNEL_TOL: dict[tuple[str, np.dtype], Tol] = {
 def tolerance(kernel: str, dtype=np.float32, k: int = 1) -> dict[str, float]:
     """`rtol` / `atol` keyword arguments for np.testing.assert_allclose."""
     return KERNEL_TOL[(kernel, np.dtype(dtype))](k)
+
+
+# Sparse matmul kernels (CSR / BSR): fp32 FMA accumulation over the nonzeros of a column (at most
+# K of them, in K order; only `contract`), as the dense kernel; k = K.
+KERNEL_TOL[("csr", np.dtype(np.float32))] = Tol(rtol=1e-4, atol=1e-4, per_sqrt_k=True)
+KERNEL_TOL[("bsr", np.dtype(np.float32))] = Tol(rtol=1e-4, atol=1e-4, per_sqrt_k=True)
+
+# Task pipelines against the Hugging Face pipelines (tests/fixtures/hf_outputs, torch fp32): label
+# scores and embedding values agree to an absolute HF_ATOL (fp32 encoders whose kernels sum in another
+# order; the softmax / sigmoid / pooling on top adds no error worth naming); labels and their order
+# must be equal; embeddings also need a cosine similarity of at least HF_EMBEDDING_MIN_COSINE.
+HF_ATOL = 2e-3
+HF_EMBEDDING_MIN_COSINE = 0.9999

@@ -1,0 +1,1 @@
+"""Tests of the task pipelines (sparseinfer/tasks) against recorded Hugging Face outputs."""
