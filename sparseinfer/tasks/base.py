@@ -231,8 +231,15 @@ class Pipeline:
         _load_builtin_tasks()
         task_cls = TASKS.lookup(task)
         if model_path is None:
+            model_path = task_cls.default_model_path()
+        if model_path is None:
             raise ValueError(task_cls._no_model_message())
         return task_cls(model_path, **kwargs)
+
+    @classmethod
+    def default_model_path(cls) -> Path | None:
+        """The model a task uses when none is given (None: the task has no default)."""
+        return None
 
     @classmethod
     def _no_model_message(cls) -> str:

