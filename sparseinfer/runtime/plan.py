@@ -159,7 +159,10 @@ class Plan:
         scale = np.float32(node.attrs["scale"])
         nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
         shapes = k_attention.workspace_shapes(s, d, nth)
-        ws_names = [f"{node.outputs[0]}__ws{i}" for i in range(len(shapes))]
+        # one set of scratch arrays per arena for every Attention step of this shape: steps of a
+        # run execute one after another and nothing in the workspace outlives its step, so the
+        # layers share it (BERT-base: 256 KiB per arena instead of 3 MiB; same speed)
+        ws_names = [f"Attention__ws{i}__{'x'.join(map(str, shape))}" for i, shape in enumerate(shapes)]
         self.workspaces.update(zip(ws_names, shapes))
 
         def call(env, out, arena):
