@@ -64,6 +64,7 @@ def stats(times: list[float], batch: int) -> dict:
 
 PAUSE_S = 0.1  # longer than either runtime's spin-wait after a run
 BLOCK = 3  # runs per block
+PROFILE_RUNS = 10
 
 
 def _block(fn, times: list[float]) -> None:
@@ -88,12 +89,15 @@ def bench_shape(engine: Engine, session: ort.InferenceSession, batch: int, seq: 
     for _ in range(rounds):
         _block(lambda: engine.run(feeds), t_ours)
         _block(lambda: session.run(None, feeds), t_ort)
-    ops: dict[str, float] = {}
     time.sleep(PAUSE_S)
-    for _ in range(3):
+    per_run: list[dict[str, float]] = []
+    for _ in range(PROFILE_RUNS):  # a median over several runs: one descheduled thread ruins a mean of three
+        totals: dict[str, float] = {}
         for row in engine.profile(feeds):
             key = f"{row['op']} ({row['kind']})"
-            ops[key] = ops.get(key, 0.0) + row["ms"] / 3
+            totals[key] = totals.get(key, 0.0) + row["ms"]
+        per_run.append(totals)
+    ops = {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in per_run[0]}
     s_ours, s_ort = stats(t_ours, batch), stats(t_ort, batch)
     return {
         "batch": batch,
