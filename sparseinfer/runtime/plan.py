@@ -20,9 +20,12 @@ from ..graph import Graph, Node
 from ..graph.reference import ENGINE_DOMAIN
 from ..graph.registry import lookup_version
 from ..kernels import attention as k_attention
+from ..kernels import bsr as k_bsr
+from ..kernels import csr as k_csr
 from ..kernels import dense as k_dense
 from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
+from ..kernels.sparse_formats import aligned_empty, pack_bsr, pack_csr
 
 _DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH, "relu": k_dense.ACT_RELU}
 
@@ -72,7 +75,7 @@ class Plan:
         elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):
             step = self._lower_layernorm(node)
         elif node.domain == "" and node.op == "Gelu" and node.attrs.get("approximate", "none") == "none":
-            step = self._kernel(node, lambda env, out, arena, x=node.inputs[0]: k_elementwise.gelu(_rows(env[x]), _rows(out)))
+            step = self._kernel(node, lambda env, out, arena, x=node.inputs[0]: k_elementwise.gelu(_rows(env[x]), _out_rows(out)))
         else:
             step = None
         if step is None or g.info(node.inputs[0]).dtype != np.float32:
@@ -114,15 +117,41 @@ class Plan:
             return None  # a bias computed at run time, or one that broadcasts: the reference handles it
         if residual is not None and g.info(residual).shape != g.info(node.outputs[0]).shape:
             return None
-        packed = self.weights.packed(w, g.const(w))
         b = None if bias is None else np.ascontiguousarray(g.const(bias).reshape(n), np.float32)
         m = int(np.prod(g.info(x).shape[:-1]))
+        layout = node.attrs.get("layout", "dense")
+        if layout in ("csr", "bsr"):
+            return self._lower_sparse_dense(node, layout, x, w, b, residual, act, m, k, n)
+        packed = self.weights.get(("dense", w), lambda: k_dense.pack_weight(g.const(w)))
 
         def call(env, out, arena):
             res = None if residual is None else _rows(env[residual])
-            k_dense.dense_packed(_rows(env[x]), packed, b, res, _rows(out), act)
+            k_dense.dense_packed(_rows(env[x]), packed, b, res, _out_rows(out), act)
 
         return self._kernel(node, call, flops=2 * m * k * n)
+
+    def _lower_sparse_dense(self, node: Node, layout: str, x, w, b, residual, act, m, k, n) -> Step:
+        """A Dense whose weight the layout pass chose to store as CSR or r x c blocks."""
+        weight = self.graph.const(w)
+        if layout == "csr":
+            packed = self.weights.get(("csr", w), lambda: pack_csr(weight))
+            kernel = k_csr.csr_kernel(m)
+            scratch = k_csr.make_workspace(m, k)
+        else:
+            block = tuple(node.attrs["block"])
+            packed = self.weights.get(("bsr", w, block), lambda: pack_bsr(weight, block))
+            kernel = k_bsr.bsr_kernel(block, m)
+            scratch = k_bsr.make_workspace(m, k, n, block)
+        # steps run one after another and the scratch does not outlive a step: share it per shape
+        ws = [f"Sparse__ws{i}__{'x'.join(map(str, a.shape))}" for i, a in enumerate(scratch)]
+        self.workspaces.update((name, a.shape) for name, a in zip(ws, scratch))
+        indptr, indices, data = packed
+
+        def call(env, out, arena):
+            res = None if residual is None else _rows(env[residual])
+            kernel(_rows(env[x]), indptr, indices, data, b, res, _out_rows(out), act, arena[ws[0]], arena[ws[1]])
+
+        return self._kernel(node, call, flops=2 * m * int(np.count_nonzero(weight)))
 
     def _lower_layernorm(self, node: Node) -> Step:
         g = self.graph
@@ -141,7 +170,7 @@ class Plan:
         except ValueError:
             return None
         eps = np.float32(node.attrs.get("epsilon", 1e-5))
-        return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _rows(out)))
+        return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _out_rows(out)))
 
     def _lower_attention(self, node: Node) -> Step | None:
         g = self.graph
@@ -172,7 +201,7 @@ class Plan:
             kt, vp, pw = (arena[n] for n in ws_names)
             threads = max(1, min(k_attention.numba.get_num_threads(), kt.shape[0], b * h))
             k_attention.attention_packed(
-                _rows(env[q]), _rows(env[k]), _rows(env[v]), *cols, m, b, s, h, d, scale, _rows(out), kt, vp, pw, threads
+                _rows(env[q]), _rows(env[k]), _rows(env[v]), *cols, m, b, s, h, d, scale, _out_rows(out), kt, vp, pw, threads
             )
 
         flops = 4 * b * h * s * s * d
@@ -244,7 +273,7 @@ class Plan:
             count = int(np.prod(info.shape))
             arena[name] = slots[slot][: count * info.dtype.itemsize].view(info.dtype).reshape(info.shape)
         for name, shape in self.workspaces.items():
-            arena[name] = np.empty(shape, np.float32)
+            arena[name] = aligned_empty(shape, np.float32)  # 64-byte aligned: the kernels load whole cache lines
         return arena
 
     @property
@@ -272,20 +301,26 @@ class Plan:
 
 
 class WeightCache:
-    """Packed forms of constant weights, shared by every plan of an engine."""
+    """Packed forms of constant weights (per format), shared by every plan of an engine."""
 
     def __init__(self) -> None:
-        self._packed: dict[str, np.ndarray] = {}
+        self._packed: dict[tuple, object] = {}
 
-    def packed(self, name: str, w: np.ndarray) -> np.ndarray:
-        if name not in self._packed:
-            self._packed[name] = k_dense.pack_weight(w)
-        return self._packed[name]
+    def get(self, key: tuple, make: Callable[[], object]):
+        if key not in self._packed:
+            self._packed[key] = make()
+        return self._packed[key]
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous [rows, last dim] view (kernels take 2-D row-major arrays)."""
-    return a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
+    """A C-contiguous [rows, last dim] array (kernels take 2-D row-major arrays); a copy only if
+    a reference step handed over a strided view."""
+    return np.ascontiguousarray(a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a)
+
+
+def _out_rows(a: np.ndarray) -> np.ndarray:
+    """The [rows, last dim] view of an output buffer (arena buffers are contiguous: never a copy)."""
+    return a.reshape(-1, a.shape[-1])
 
 
 def _last_axis(graph: Graph, node: Node) -> bool:
