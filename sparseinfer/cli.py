@@ -349,10 +349,10 @@ class _Runner:
 class _SparseinferRunner(_Runner):
     name = "sparseinfer"
 
-    def __init__(self, model_file: Path, num_threads: int | None) -> None:
+    def __init__(self, model_file: Path, num_threads: int | None, quantize: str | None = None) -> None:
         from . import Engine
 
-        self.engine = Engine(model_file, num_threads=num_threads)
+        self.engine = Engine(model_file, num_threads=num_threads, quantize=quantize)
         self.num_threads = num_threads
         g = self.engine.graph
         self.specs = [_InputSpec(n, g.info(n).shape, g.info(n).dtype) for n in g.inputs]
@@ -391,10 +391,10 @@ class _OnnxruntimeRunner(_Runner):
         return self.session.run(None, feeds)
 
 
-def _runner(engine: str, model_file: Path, num_threads: int | None) -> _Runner:
+def _runner(engine: str, model_file: Path, num_threads: int | None, quantize: str | None = None) -> _Runner:
     if engine == "onnxruntime":
         return _OnnxruntimeRunner(model_file, num_threads)
-    return _SparseinferRunner(model_file, num_threads)
+    return _SparseinferRunner(model_file, num_threads, quantize)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -423,9 +423,11 @@ def _args_record(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "debug") and not callable(v)}
 
 
-def _check_quantize(value: str | None) -> None:
-    if value is not None:
-        raise UsageError(f"--quantize {value}: int8 is not available yet in sparseinfer; run without --quantize (fp32)")
+def _check_quantize(value: str | None, engine: str = "sparseinfer") -> None:
+    if value not in (None, "int8"):
+        raise UsageError(f"--quantize {value}: the only quantization is int8")
+    if value is not None and engine != "sparseinfer":
+        raise UsageError("--quantize applies to -e sparseinfer; for onnxruntime quantize the model file first (onnxruntime.quantization)")
 
 
 # =============================================================================== benchmark
@@ -519,7 +521,7 @@ _SUMMARY = [
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    _check_quantize(args.quantize)
+    _check_quantize(args.quantize, args.engine)
     model_file = _model_file(args.model)
     if args.engine == "sparseinfer":
         import numba
@@ -538,7 +540,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         threads = max(1, (args.num_cores or available) // streams)
 
     with _progress(f"loading {model_file} ({args.engine})", args.quiet):
-        runner = _runner(args.engine, model_file, threads)
+        runner = _runner(args.engine, model_file, threads, args.quantize)
     shapes = _resolve_shapes(runner.specs, args.input_shapes, args.batch_size, args.sequence_length)
     feeds = make_feeds(runner.specs, shapes, _embedding_rows(model_file))
     batch = int(next(iter(shapes.values()))[0]) if shapes and next(iter(shapes.values())) else 1
@@ -779,7 +781,10 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     from .passes.prune import prune, weight_sparsity
 
     if args.quantize is not None:
-        raise UsageError(f"--quantize {args.quantize}: int8 quantization is not available yet; sparsify without it (fp32)")
+        raise UsageError(
+            f"--quantize {args.quantize}: writing an int8 model file is not available yet; sparsify without it, then run the "
+            "pruned model in int8 with `sparseinfer benchmark OUT --quantize` or Engine(OUT, quantize='int8')"
+        )
     if not 0.0 <= args.sparsity < 1.0:
         raise UsageError(f"--sparsity must be in [0, 1) (the fraction of weights to zero: 0.9 zeroes 90%), got {args.sparsity:g}")
     model_file = _model_file(args.model)
@@ -1026,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="also write the results (and these arguments) to this JSON file",
     )
-    p.add_argument("--quantize", nargs="?", const="int8", default=None, metavar="int8", help="int8 quantization (not available yet)")
+    p.add_argument("--quantize", nargs="?", const="int8", default=None, metavar="int8", help="run the matmuls in int8 (dynamic per-row activations, per-channel weights)")
     p.set_defaults(func=cmd_benchmark)
 
     # ---- analyze
@@ -1072,7 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="skip weights whose name matches (repeatable)")
     p.add_argument("--heads", action="store_true", help="prune the task head too")
     p.add_argument("--embeddings", action="store_true", help="prune the embedding tables too")
-    p.add_argument("--quantize", default=None, metavar="int8", help="int8 quantization (not available yet)")
+    p.add_argument("--quantize", default=None, metavar="int8", help="writing int8 model files is not available yet (run with --quantize instead)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file to write, or a directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=cmd_sparsify)
@@ -1118,7 +1123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-ncores", "--num_cores", "--num-cores", type=_positive_int, default=None, help="threads to run on (default: all)")
     p.add_argument("--batch", action="store_true", help="run all plain-text inputs as one call and print one JSON document")
-    p.add_argument("--quantize", default=None, metavar="int8", help="int8 quantization (not available yet)")
+    p.add_argument("--quantize", default=None, metavar="int8", help="run the matmuls in int8")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=cmd_run)
 

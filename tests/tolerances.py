@@ -64,3 +64,20 @@ KERNEL_TOL[("bsr", np.dtype(np.float32))] = Tol(rtol=1e-4, atol=1e-4, per_sqrt_k
 # must be equal; embeddings also need a cosine similarity of at least HF_EMBEDDING_MIN_COSINE.
 HF_ATOL = 2e-3
 HF_EMBEDDING_MIN_COSINE = 0.9999
+
+# The int8 Dense kernel (sparseinfer/kernels/int8.py) against the float64 reference Dense on the
+# same dequantized operands (x_d = (xq - zp) * scale_x per row, w_d = Wq * scale_w per column): the
+# integer accumulation is exact; the kernel rounds three times before the bias (int32 -> float32,
+# scale_x * scale_w, the product: <= 3 * 2^-24 relative to z = x_d @ w_d), then adds the bias,
+# applies the activation (the fp32 rational GELU: 4.2e-7 absolute) and adds the residual (one
+# rounding each). Bound per element, relative to the terms (the result can cancel to ~0):
+#     |out - ref| <= INT8_RTOL * (|z| + |bias| + |residual|) + INT8_ATOL
+INT8_RTOL = 5e-7
+INT8_ATOL = 1e-6
+# A whole model with its encoder Dense layers in int8 against onnxruntime fp32 on the original file:
+# max |int8 - fp32| of each output, as a fraction of the fp32 output's range (max - min). This is
+# quantization error, not rounding error: measured 0.4-1.5 % on the fixtures (up to 2 % with the heads too).
+INT8_MODEL_MAX_DIFF_OF_RANGE = 0.05
+# int8 vs fp32 sentence embeddings (mean pooling + L2 normalisation) of a real checkpoint: a sanity
+# floor on the cosine similarity; the measured values are in the test's message.
+INT8_EMBEDDING_MIN_COSINE = 0.95

@@ -611,9 +611,10 @@ ACTIVATIONS = {
 
 
 @register("Dense", domain=ENGINE_DOMAIN)
-def dense(x, w, bias=None, residual=None, *, activation="none", layout="dense", block=()):
+def dense(x, w, bias=None, residual=None, *, activation="none", layout="dense", block=(), quantize=None):
     """activation(x @ w + bias) + residual, with x [..., K] and a constant w [K, N]. `layout` and
-    `block` say how the planner stores w (dense, CSR, BSR); they do not change the result."""
+    `block` say how the planner stores w (dense, CSR, BSR) and `quantize` ("int8") that it may run
+    the product in int8; the reference is the fp32 semantics and ignores all three."""
     y = np.matmul(x.astype(np.float64), w.astype(np.float64))
     if bias is not None:
         y = y + bias

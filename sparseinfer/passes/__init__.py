@@ -3,6 +3,7 @@
 from .cleanup import eliminate_dead_code, eliminate_noops, fold_constants
 from .fusion import fuse_attention, fuse_dense, fuse_gelu, fuse_layernorm, merge_qkv, narrow_attention_mask
 from .manager import FunctionPass, IRDump, Pass, PassContext, PassError, PassInstrument, PassTimings, Sequential, function_pass
+from .quantize import quantize_dense
 from .sparsity import SparsityConfig, analyze_weight, choose_sparse_layouts
 
 
@@ -20,6 +21,7 @@ def default_pipeline() -> Sequential:
             narrow_attention_mask,
             merge_qkv,  # after fuse_attention: only projections that feed one Attention are merged
             choose_sparse_layouts,  # after merge_qkv: the merged weight is the one that gets stored
+            quantize_dense,  # after choose_sparse_layouts: a quantized weight is stored dense (no sparse int8 kernel yet)
             eliminate_dead_code,
         ],
         name="default",
@@ -29,5 +31,5 @@ def default_pipeline() -> Sequential:
 __all__ = [
     "FunctionPass", "IRDump", "Pass", "PassContext", "PassError", "PassInstrument", "PassTimings", "Sequential", "function_pass",
     "default_pipeline", "eliminate_dead_code", "eliminate_noops", "fold_constants",
-    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask", "choose_sparse_layouts", "SparsityConfig", "analyze_weight",
+    "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask", "choose_sparse_layouts", "quantize_dense", "SparsityConfig", "analyze_weight",
 ]  # fmt: skip

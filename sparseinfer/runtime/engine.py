@@ -70,6 +70,7 @@ class Engine:
         num_threads: int | None = None,
         opt_level: int = 2,
         pass_config: Mapping | None = None,
+        quantize: str | None = None,
     ) -> None:
         for label, v in (("batch_size", batch_size), ("sequence_length", sequence_length), ("num_threads", num_threads)):
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
@@ -82,6 +83,10 @@ class Engine:
         self.num_threads = num_threads
         self.opt_level = opt_level
         self.pass_config = dict(pass_config or {})
+        if quantize is not None:
+            if quantize != "int8":
+                raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+            self.pass_config["quantize"] = quantize
         self._weights = WeightCache()
         self.model_path = None if isinstance(model, (onnx.ModelProto, Graph)) else Path(model)
         graph = model if isinstance(model, Graph) else import_onnx(model)
@@ -172,6 +177,7 @@ class Engine:
                     "sparsity": stats.sparsity,
                     "layout": layout,
                     "block": block,
+                    "quantize": node.attrs.get("quantize"),
                     "flops_per_token": dense_flops,
                     "stored_flops_per_token": stored,
                     "flops_saved": 1.0 - stored / dense_flops,

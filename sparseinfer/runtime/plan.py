@@ -26,6 +26,7 @@ from ..kernels import dense as k_dense
 from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 from ..kernels.sparse_formats import aligned_empty, pack_bsr, pack_csr
+from .int8_lowering import lower_dense_int8
 
 _DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH, "relu": k_dense.ACT_RELU}
 
@@ -69,7 +70,9 @@ class Plan:
     def _lower(self, node: Node) -> Step:
         g = self.graph
         if node.domain == ENGINE_DOMAIN and node.op == "Dense":
-            step = self._lower_dense(node)
+            step = lower_dense_int8(self, node) if node.attrs.get("quantize") == "int8" else None
+            if step is None:
+                step = self._lower_dense(node)
         elif node.domain == ENGINE_DOMAIN and node.op == "Attention":
             step = self._lower_attention(node)
         elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):

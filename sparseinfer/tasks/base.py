@@ -198,11 +198,8 @@ class Pipeline:
     ) -> None:
         if task_kwargs:
             raise TypeError(f"unknown option(s) for the {self.task!r} pipeline: {sorted(task_kwargs)}")
-        if quantize is not None:
-            raise NotImplementedError(
-                f"quantize={quantize!r}: int8 quantization is not available yet in sparseinfer; use quantize=None (fp32), "
-                "or pass an already-quantized model as model_path"
-            )
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None (fp32) or 'int8', got {quantize!r}")
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if model_path is None:
@@ -219,7 +216,7 @@ class Pipeline:
         self.max_model_length: int | None = self._max_model_length()
         self.sequence_lengths: list[int] = self._check_sequence_lengths(sequence_length)
         model = self.prepare_model(self.model_file)
-        self.engine = Engine(model, batch_size=self.batch_size, num_threads=num_threads)
+        self.engine = Engine(model, batch_size=self.batch_size, num_threads=num_threads, quantize=quantize)
         self.timings: dict[str, float] = {}
         self._truncating: dict[int, Tokenizer] = {}
         self._tok_lock = threading.Lock()

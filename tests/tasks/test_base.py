@@ -292,10 +292,11 @@ def test_no_model_path():
             Pipeline.create(task)
 
 
-def test_quantize_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="int8 quantization is not available yet"):
-        classifier(quantize="int8")
+def test_quantize_option():
     assert classifier(quantize=None).quantize is None
+    assert classifier(quantize="int8").engine.pass_config["quantize"] == "int8"
+    with pytest.raises(ValueError, match="quantize must be None"):
+        classifier(quantize="int4")
 
 
 @pytest.mark.parametrize(
