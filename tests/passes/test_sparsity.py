@@ -50,7 +50,8 @@ def test_blocks_that_do_not_tile_are_not_measured():
         (0.1, None, ("csr", None)),  # unstructured: zeros do not line up in blocks
         (0.1, (1, 4), ("bsr", (1, 4))),  # whole 1x4 blocks are zero: fewer stored values, faster kernel
         (0.1, (4, 4), ("bsr", (4, 4))),
-        (0.7, (1, 4), ("bsr", (1, 4))),  # 1x4 blocks pay off up to 93% density
+        (0.5, (1, 4), ("bsr", (1, 4))),  # 1x4 blocks pay off up to 70% density
+        (0.9, (1, 4), ("dense", None)),
     ],
 )
 def test_layout_choice_on_known_structure(density, block, expected):
