@@ -39,31 +39,18 @@ def packed_int8(plan: Plan, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def lower_dense_int8(plan: Plan, node: Node) -> Step | None:
     """A kernel step computing the Dense `node` in int8, or None when the int8 kernel does not
-    apply (the caller then lowers it as usual): a weight that is not a finite float32 [K, N]
-    constant or has K above the kernel's int32 limit, an input that is not float32, an
-    activation without an epilogue, a bias computed at run time or one that broadcasts, a
-    residual that broadcasts."""
-    from .plan import _DENSE_ACT, _rows  # here, not at import: plan imports this module
+    apply (the caller then lowers it as usual): when no matmul kernel does (`dense_operands`),
+    or the weight holds a NaN/Inf or has K above the kernel's int32 limit."""
+    from .plan import _rows, dense_operands  # here, not at import: plan imports this module
 
-    g = plan.graph
-    x, w = node.inputs[:2]
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    residual = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
-    act = _DENSE_ACT.get(node.attrs.get("activation", "none"))
-    weight = g.const(w)
-    if act is None or weight is None or weight.dtype != np.float32 or weight.ndim != 2 or g.info(x).dtype != np.float32:
+    ops = dense_operands(plan.graph, node)
+    if ops is None:
         return None
-    k, n = weight.shape
-    if bias is not None and (g.const(bias) is None or g.const(bias).size != n):
-        return None
-    if residual is not None and g.info(residual).shape != g.info(node.outputs[0]).shape:
-        return None
-    quantized = packed_int8(plan, w)
+    quantized = packed_int8(plan, ops.w)
     if quantized is None:
         return None
     packed, w_scale, colsum = quantized
-    b = None if bias is None else np.ascontiguousarray(g.const(bias).reshape(n), np.float32)
-    m = int(np.prod(g.info(x).shape[:-1]))
+    x, residual, b, act, m, k, n = ops.x, ops.residual, ops.bias, ops.act, ops.m, ops.k, ops.n
     kp = k_int8.padded_k(k)
     xq_ws, scale_ws, zp_ws = f"Dense_int8__xq__{m}x{kp}", f"Dense_int8__scale__{m}", f"Dense_int8__zp__{m}"
     plan.workspaces.update({xq_ws: (m, kp // 4), scale_ws: (m,), zp_ws: ((m + 3) // 4,)})

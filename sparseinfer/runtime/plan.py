@@ -108,41 +108,30 @@ class Plan:
         return Step(node, "reference", fn)
 
     def _lower_dense(self, node: Node) -> Step | None:
-        g = self.graph
-        x, w = node.inputs[:2]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-        residual = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
-        act = _DENSE_ACT.get(node.attrs.get("activation", "none"))
-        if act is None or g.const(w) is None or g.const(w).dtype != np.float32:
+        ops = dense_operands(self.graph, node)
+        if ops is None:
             return None
-        k, n = g.const(w).shape
-        if bias is not None and (g.const(bias) is None or g.const(bias).size != n):
-            return None  # a bias computed at run time, or one that broadcasts: the reference handles it
-        if residual is not None and g.info(residual).shape != g.info(node.outputs[0]).shape:
-            return None
-        b = None if bias is None else np.ascontiguousarray(g.const(bias).reshape(n), np.float32)
-        m = int(np.prod(g.info(x).shape[:-1]))
         layout = node.attrs.get("layout", "dense")
         if layout in ("csr", "bsr"):
-            return self._lower_sparse_dense(node, layout, x, w, b, residual, act, m, k, n)
-        packed = self.weights.get(("dense", w), lambda: k_dense.pack_weight(g.const(w)))
+            return self._lower_sparse_dense(node, layout, ops)
+        packed = self.weights.get(("dense", ops.w), lambda: k_dense.pack_weight(ops.weight))
 
         def call(env, out, arena):
-            res = None if residual is None else _rows(env[residual])
-            k_dense.dense_packed(_rows(env[x]), packed, b, res, _out_rows(out), act)
+            res = None if ops.residual is None else _rows(env[ops.residual])
+            k_dense.dense_packed(_rows(env[ops.x]), packed, ops.bias, res, _out_rows(out), ops.act)
 
-        return self._kernel(node, call, flops=2 * m * k * n)
+        return self._kernel(node, call, flops=2 * ops.m * ops.k * ops.n)
 
-    def _lower_sparse_dense(self, node: Node, layout: str, x, w, b, residual, act, m, k, n) -> Step:
+    def _lower_sparse_dense(self, node: Node, layout: str, ops: DenseOperands) -> Step:
         """A Dense whose weight the layout pass chose to store as CSR or r x c blocks."""
-        weight = self.graph.const(w)
+        m, k, n, weight = ops.m, ops.k, ops.n, ops.weight
         if layout == "csr":
-            packed = self.weights.get(("csr", w), lambda: pack_csr(weight))
+            packed = self.weights.get(("csr", ops.w), lambda: pack_csr(weight))
             kernel = k_csr.csr_kernel(m)
             scratch = k_csr.make_workspace(m, k)
         else:
             block = tuple(node.attrs["block"])
-            packed = self.weights.get(("bsr", w, block), lambda: pack_bsr(weight, block))
+            packed = self.weights.get(("bsr", ops.w, block), lambda: pack_bsr(weight, block))
             kernel = k_bsr.bsr_kernel(block, m)
             scratch = k_bsr.make_workspace(m, k, n, block)
         # steps run one after another and the scratch does not outlive a step: share it per shape
@@ -151,8 +140,8 @@ class Plan:
         indptr, indices, data = packed
 
         def call(env, out, arena):
-            res = None if residual is None else _rows(env[residual])
-            kernel(_rows(env[x]), indptr, indices, data, b, res, _out_rows(out), act, arena[ws[0]], arena[ws[1]])
+            res = None if ops.residual is None else _rows(env[ops.residual])
+            kernel(_rows(env[ops.x]), indptr, indices, data, ops.bias, res, _out_rows(out), ops.act, arena[ws[0]], arena[ws[1]])
 
         return self._kernel(node, call, flops=2 * m * int(np.count_nonzero(weight)))
 
@@ -301,6 +290,43 @@ class Plan:
             return [np.array(env[o], copy=True) if self._output_aliases[o] else env[o] for o in self.graph.outputs]
         finally:
             self._arenas.put(arena)
+
+
+@dataclass(frozen=True)
+class DenseOperands:
+    """A Dense node's operands in the form every matmul kernel takes."""
+
+    x: str  # activations [..., K] (a value name)
+    w: str  # the weight's name (the key its packed forms are cached under)
+    weight: np.ndarray  # [K, N] float32 constant
+    bias: np.ndarray | None  # float32 [N], contiguous
+    residual: str | None  # a value of the output's shape
+    act: int  # the kernels' ACT_* code
+    m: int
+    k: int
+    n: int
+
+
+def dense_operands(graph: Graph, node: Node) -> DenseOperands | None:
+    """The operands of a Dense node for the matmul kernels (fp32 dense, sparse or int8), or None
+    when no kernel applies and the reference step must run it: an input or weight that is not
+    float32, a weight that is not a [K, N] constant, an activation without an epilogue, a bias
+    computed at run time or one that broadcasts, a residual that broadcasts."""
+    x, w = node.inputs[:2]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    residual = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+    act = _DENSE_ACT.get(node.attrs.get("activation", "none"))
+    weight = graph.const(w)
+    if act is None or weight is None or weight.dtype != np.float32 or weight.ndim != 2 or graph.info(x).dtype != np.float32:
+        return None
+    k, n = weight.shape
+    if bias is not None and (graph.const(bias) is None or graph.const(bias).size != n):
+        return None
+    if residual is not None and graph.info(residual).shape != graph.info(node.outputs[0]).shape:
+        return None
+    b = None if bias is None else np.ascontiguousarray(graph.const(bias).reshape(n), np.float32)
+    m = int(np.prod(graph.info(x).shape[:-1]))
+    return DenseOperands(x, w, weight, b, residual, act, m, k, n)
 
 
 class WeightCache:
