@@ -459,8 +459,10 @@ def _query_constant(graph: Graph, ix: Index, name: str, memo: dict[str, bool]) -
 @function_pass("narrow_attention_mask", opt_level=2, requires=("fuse_attention",))
 def narrow_attention_mask(graph: Graph, ctx: PassContext) -> int:
     """Exporters expand the padding mask to [B, 1, S, S]; where it provably does not vary along
-    the query axis, feed Attention its first query row [B, 1, 1, S] (what the kernel reads)."""
+    the query axis, feed Attention its first query row [B, 1, 1, S] (what the kernel reads).
+    Attentions that read the same mask (every layer of an encoder) share one Slice."""
     ix, memo, changed = Index(graph), {}, 0
+    rows: dict[str, str] = {}  # mask -> its first query row
     for node in graph.nodes:
         if node.domain != ENGINE_DOMAIN or node.op != "Attention" or len(node.inputs) < 4:
             continue
@@ -468,13 +470,16 @@ def narrow_attention_mask(graph: Graph, ctx: PassContext) -> int:
         shape = graph.info(mask).shape
         if shape is None or len(shape) != 4 or shape[2] == 1 or not _query_constant(graph, ix, mask, memo):
             continue
-        consts = [
-            graph.add_constant(graph.fresh_name(f"{mask}_{k}"), np.array([v], np.int64)) for k, v in (("start", 0), ("end", 1), ("axis", 2))
-        ]
-        row = graph.fresh_name(f"{mask}_row")
-        sl = Node("Slice", (mask, *consts), (row,), name=f"{node.name}_mask_row", version=13)
-        graph.add_node(sl, [TensorInfo(graph.info(mask).dtype, shape[:2] + (1,) + shape[3:])], index=graph.nodes.index(graph.current(node)))
-        graph.replace_node(node, node.replace(inputs=node.inputs[:3] + (row,)))
+        if mask not in rows:
+            consts = [
+                graph.add_constant(graph.fresh_name(f"{mask}_{k}"), np.array([v], np.int64))
+                for k, v in (("start", 0), ("end", 1), ("axis", 2))
+            ]
+            rows[mask] = row = graph.fresh_name(f"{mask}_row")
+            sl = Node("Slice", (mask, *consts), (row,), name=f"{node.name}_mask_row", version=13)
+            info = TensorInfo(graph.info(mask).dtype, shape[:2] + (1,) + shape[3:])
+            graph.add_node(sl, [info], index=graph.nodes.index(graph.current(node)))
+        graph.replace_node(node, node.replace(inputs=node.inputs[:3] + (rows[mask],)))
         changed += 1
     return changed
 

@@ -29,6 +29,8 @@ def test_exported_padding_mask_is_narrowed_and_outputs_match_onnxruntime(path):
     )
     default_pipeline()(graph)
     assert _masks(graph) == [(3, 1, 1, 11)] * 2
+    assert graph.op_counts()["Slice"] == 1  # both layers read the one narrowed row
+    assert len({n.inputs[3] for n in graph.nodes if n.op == "Attention"}) == 1
     feeds = make_inputs(manifest_entry(path), 3, 11)
     expected = ort.InferenceSession(str(FIXTURES / path), providers=["CPUExecutionProvider"]).run(None, feeds)
     for a, b in zip(run_graph(graph, feeds), expected):
