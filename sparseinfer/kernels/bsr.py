@@ -115,7 +115,7 @@ def bsr_matmul(X, packed, N, bias=None, residual=None, out=None, act=ACT_NONE, w
     if data.ndim != 3:
         raise ValueError(f"block data must be [nblocks, r, c], got shape {data.shape} (pack with pack_bsr)")
     r, c = check_block(data.shape[1:])
-    X, out = check_operands(X, bias, residual, out, N, act)
+    X, residual, out = check_operands(X, bias, residual, out, N, act)
     M, K = X.shape
     nbc = -(-N // c)
     if N and (indptr.shape[0] < 2 or (indptr.shape[0] - 1) % nbc):

@@ -26,7 +26,8 @@ regions per call (a Numba region costs ~1 us):
    (:func:`transpose16`), into the 64-byte aligned workspace
    ``xt [nchunk, K, lanes]``: chunk ``ch`` holds rows ``ch * lanes ..`` of X as
    columns; lanes past ``M`` are zero.  Alignment matters: loads that
-   straddle cache lines made the kernel ~1.5x slower.
+   straddle cache lines made the kernel ~1.5x slower.  The blocks go 16
+   rows at a time along k, so that each row of X is read as one run.
 2. One part per thread; the ``(row chunk, 16 output columns)`` units are
    split evenly between the parts (fixed 256-column tasks left one of two
    threads idle a third of the time for N = 768), and every part owns its
@@ -37,17 +38,41 @@ regions per call (a Numba region costs ~1 us):
    aligned ``ot [threads, NB, lanes]`` (a per-thread slot rather than a
    transposed copy of all of ``out``, which at M = 1024 went back to DRAM
    and cost ~1.3x for the block kernels).  In the last panel every 16
-   finished columns are transposed into ``out`` (:func:`transpose16` again)
-   and get the epilogue of :mod:`~sparseinfer.kernels.dense` while they are
-   in L1.
+   finished columns get bias and activation in the slot, while they are in
+   L1: in the transposed domain bias is one scalar per column and the
+   activation is elementwise.  When the task is done, its columns are
+   transposed into ``out`` row band by row band (:func:`store_transposed`),
+   so that each row gets one contiguous run, with the residual added in
+   registers: ``out`` is written once and never read back.
+
+The output path used to transpose every 16 finished columns into ``out`` and
+run the row-major epilogue of :mod:`~sparseinfer.kernels.dense` on them:
+128 rows x 64 B per group, written and read back.  When the rows of ``out``
+(or of ``X`` in step 1) are a multiple of 4 KiB apart, as for N = 3072
+(K = 3072), the 16 rows of a transposed block all map to one L1 set (12
+ways) and evict each other: the fixed cost of a 768 x 3072 call was 3.7x
+that of 768 x 3088.  Now the two cost about the same (for such N the band is
+staged in a stack buffer and copied out row by row).
+
+Chaining (:func:`chain_kernel`): with ``xnext`` a call writes its finished
+columns, bias and activation applied, straight into the ``xt`` workspace of
+the next call (``xnext[ch, n, :] = act(X @ W + bias)[ch * lanes:, n]`` is the
+accumulator itself, no transpose), and with ``xready`` a call skips step 1.
+The plan chains a sparse Dense whose output only feeds another sparse Dense
+(BERT's FF1 -> FF2, :mod:`sparseinfer.runtime.sparse_lowering`): the
+768 x 3072 intermediate is never transposed out and back in.
 
 Measured (``benchmarks/results/sparse_breakeven.md``; Zen 5, 2 threads,
 M = 128, the four BERT-base shapes, 10% density): 3.3x faster than the
 dense kernel unstructured, 5.2-5.6x with 1 x 4 / 4 x 4 / 1 x 8 blocks;
-break-even near 50% density unstructured, above 90% for those blocks.  The
-fixed cost of a call (``d = 0``: transposes, per-column stores, parallel
-regions) is about a third of the time at 10% density, so keeping
-activations transposed between consecutive sparse layers would pay.  What did not help: two accumulator sets
+break-even near 50% density unstructured, above 90% for those blocks.
+Fixed cost of a CSR call (``d = 0``: transposes, stores, epilogue, parallel
+regions; ``benchmarks/sparse_fixed_cost.py``, M = 128, 2 threads, BERT's
+epilogues), before -> after the output path above: 768 x 2304 80 -> 55 us,
+768 x 768 40 -> 27 us, 768 x 3072 (bias + GELU) 282 -> 104 us, 3072 x 768
+139 -> 112 us; FF1 + FF2 as a chained pair 181 us against 354 us as two
+calls before.  That is a quarter to a third of a call at 10% density
+(240, 92, 360 and 345 us), and 25-30 us of FF1's is the GELU.  What did not help: two accumulator sets
 per column to break the FMA dependency chain (more instructions, slower);
 64-row tiles (half the FMAs per index load); sorting columns by nonzero
 count (branch mispredictions are not the limit); a separate function per
@@ -55,7 +80,9 @@ column (LLVM did not inline it; the call cost 25%).  The limit of the
 unstructured kernel is L2 -> L1 bandwidth for the rows of ``xt`` (each FMA
 reads a fresh 64-byte line): with the same nonzeros and all rows in L1 the
 compute is ~1.5x faster.  K panels (``kb = 128`` rows) recover part of that
-for K = 3072.
+for K = 3072 (re-measured at 10% density: panels of 32 to 256 rows, no
+panels, and tasks of 64 or 128 columns were all slower than ``kb = 128``,
+``NB = 256``).
 
 Rows: the row chunk is ``lanes`` rows; a last partial chunk is computed at
 full width and only its rows are stored.  Small ``M`` (below 16) wastes most
@@ -72,7 +99,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from sparseinfer.kernels.dense import ACT_GELU, ACT_GELU_EXACT, ACT_NONE, ACT_TANH, _epilogue_block, stack_f32
+from sparseinfer.kernels.dense import ACT_GELU, ACT_GELU_EXACT, ACT_NONE, ACT_TANH, _activate, gelu_f32, stack_f32
 from sparseinfer.kernels.sparse_formats import aligned_empty, pack_csr
 
 __all__ = [
@@ -89,12 +116,17 @@ __all__ = [
     "csr_matmul",
     "csr_kernel",
     "block_kernel",
+    "chain_kernel",
+    "chain_workspace",
+    "NO_NEXT",
 ]
 
 MT = 128  # rows of X per chunk (= lanes of the widest register tile, 8 zmm)
 NB = 256  # output columns per task
 KS = 64  # rows of W per transposition task
-FG = 16  # output columns finished (transposed + epilogue) at a time
+FG = 16  # output columns per unit of work (and per bias / activation pass)
+STAGE = NB + 16  # row stride of the staging buffer of store_transposed (not a multiple of 4 KiB)
+STAGE16 = 16 * STAGE
 ACC = 256  # floats of the accumulator tile (16 zmm): C * L <= ACC
 
 
@@ -147,21 +179,11 @@ def _transpose_masks():
 _MASKS = _transpose_masks()
 
 
-@intrinsic
-def transpose16(typingctx, src, sstride, dst, dstride):
-    """``dst[j * dstride + i] = src[i * sstride + j]`` for a 16 x 16 float32 block.
-
-    ``src``/``dst`` are byte addresses (``arr.ctypes.data`` + offset), strides
-    are in elements.  16 unaligned vector loads, 64 shuffles, 16 stores: about
-    3x faster than the best scalar loop nest (LLVM does not find this
-    network by itself).
-    """
-    if not all(isinstance(t, types.Integer) for t in (src, sstride, dst, dstride)):
-        return None
-    sig = types.void(types.uintp, types.intp, types.uintp, types.intp)
+def _transpose_codegen(with_res):
+    """Codegen of :func:`transpose16` (``with_res``: and of :func:`transpose16_add`)."""
 
     def codegen(context, builder, signature, args):
-        s, ss, d, ds = args
+        s, ss, d, ds = args[:4]
         i64 = ir.IntType(64)
         vp = ir.VectorType(ir.FloatType(), 16).as_pointer()
         four = ir.Constant(i64, 4)
@@ -179,12 +201,40 @@ def transpose16(typingctx, src, sstride, dst, dstride):
                     x, y = rows[i], rows[i + b]
                     rows[i] = builder.shuffle_vector(x, y, mlo)
                     rows[i + b] = builder.shuffle_vector(x, y, mhi)
+        if with_res:
+            r, rs = args[4:]
+            rsb = builder.mul(rs, four)
+            for i in range(16):
+                addr = builder.add(r, builder.mul(rsb, ir.Constant(i64, i)))
+                rows[i] = builder.fadd(rows[i], builder.load(builder.inttoptr(addr, vp), align=4))
         for i in range(16):
             addr = builder.add(d, builder.mul(dsb, ir.Constant(i64, i)))
             builder.store(rows[i], builder.inttoptr(addr, vp), align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def transpose16(typingctx, src, sstride, dst, dstride):
+    """``dst[j * dstride + i] = src[i * sstride + j]`` for a 16 x 16 float32 block.
+
+    ``src``/``dst`` are byte addresses (``arr.ctypes.data`` + offset), strides
+    are in elements.  16 unaligned vector loads, 64 shuffles, 16 stores: about
+    3x faster than the best scalar loop nest (LLVM does not find this
+    network by itself).
+    """
+    if not all(isinstance(t, types.Integer) for t in (src, sstride, dst, dstride)):
+        return None
+    return types.void(types.uintp, types.intp, types.uintp, types.intp), _transpose_codegen(False)
+
+
+@intrinsic
+def transpose16_add(typingctx, src, sstride, dst, dstride, res, rstride):
+    """:func:`transpose16` plus a residual: ``dst[j * dstride + i] = src[i * sstride + j] + res[j * rstride + i]``."""
+    if not all(isinstance(t, types.Integer) for t in (src, sstride, dst, dstride, res, rstride)):
+        return None
+    return types.void(types.uintp, types.intp, types.uintp, types.intp, types.uintp, types.intp), _transpose_codegen(True)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -205,8 +255,10 @@ def transpose_block(X, xt, ch, k0, k1, kpad, lanes):
     k16 = k0 + (ke - k0) // 16 * 16
     xs = X.ctypes.data
     ts = xt.ctypes.data
-    for kk in range(k0, k16, 16):
-        for i0 in range(0, r16, 16):
+    # 16 rows at a time, along k: each row of X is read as one contiguous run (with the
+    # blocks in k-major order, rows whose stride is a multiple of 4 KiB, K = 3072, took 2x as long)
+    for i0 in range(0, r16, 16):
+        for kk in range(k0, k16, 16):
             src = xs + np.uint64(4 * ((m0 + i0) * K + kk))
             dst = ts + np.uint64(4 * ((ch * KX + kk) * W + i0))
             transpose16(src, K, dst, W)
@@ -224,26 +276,60 @@ def transpose_block(X, xt, ch, k0, k1, kpad, lanes):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def store_transposed(ot, slot, t0, out, m0, rows, n0, nc):
-    """``out[m0 + i, n0 + j] = ot[slot, t0 + j, i]`` for ``i < rows``, ``j < nc``."""
+def store_transposed(ot, slot, t0, out, m0, rows, n0, nc, residual):
+    """``out[m0 + i, n0 + j] = ot[slot, t0 + j, i] (+ residual[m0 + i, n0 + j])`` for ``i < rows``, ``j < nc <= NB``.
+
+    Row band by row band: each of the 16 rows of a band gets one contiguous
+    run of ``nc`` floats, and the residual is added in registers, so ``out``
+    is written once and never read.  When the rows of ``out`` are a multiple
+    of 4 KiB apart (N a multiple of 1024) the 16 stores of a 16 x 16
+    transpose all fall in one L1 set (12 ways) and evict each other before
+    they complete; the band is then transposed into a stack buffer and
+    copied out row by row (N = 3072: 1.6x faster; slower for other N).
+    """
     N = out.shape[1]
     T = ot.shape[2]
     r16 = rows // 16 * 16
     c16 = nc // 16 * 16
     ts = ot.ctypes.data + np.uint64(4 * slot * ot.shape[1] * T)
     os_ = out.ctypes.data
-    for j0 in range(0, c16, 16):
-        for i0 in range(0, r16, 16):
-            transpose16(ts + np.uint64(4 * ((t0 + j0) * T + i0)), T, os_ + np.uint64(4 * ((m0 + i0) * N + n0 + j0)), N)
     cu = np.uint64(n0)
+    if N % 1024 == 0:
+        stage = numba.carray(stack_f32(STAGE16), (16, STAGE))
+        sg = stage.ctypes.data
+        for i0 in range(0, r16, 16):
+            for j0 in range(0, c16, 16):
+                transpose16(ts + np.uint64(4 * ((t0 + j0) * T + i0)), T, sg + np.uint64(4 * j0), STAGE)
+            for i in range(16):
+                r = m0 + i0 + i
+                for j in range(c16):
+                    v = stage[i, j]
+                    if residual is not None:
+                        v += residual[r, cu + np.uint64(j)]
+                    out[r, cu + np.uint64(j)] = v
+    else:
+        for i0 in range(0, r16, 16):
+            for j0 in range(0, c16, 16):
+                src = ts + np.uint64(4 * ((t0 + j0) * T + i0))
+                off = np.uint64(4 * ((m0 + i0) * N + n0 + j0))
+                if residual is None:
+                    transpose16(src, T, os_ + off, N)
+                else:
+                    transpose16_add(src, T, os_ + off, N, residual.ctypes.data + off, N)
     for i in range(r16, rows):
         r = m0 + i
         for j in range(nc):
-            out[r, cu + np.uint64(j)] = ot[slot, t0 + j, i]
+            v = ot[slot, t0 + j, i]
+            if residual is not None:
+                v += residual[r, cu + np.uint64(j)]
+            out[r, cu + np.uint64(j)] = v
     for i in range(r16):
         r = m0 + i
         for j in range(c16, nc):
-            out[r, cu + np.uint64(j)] = ot[slot, t0 + j, i]
+            v = ot[slot, t0 + j, i]
+            if residual is not None:
+                v += residual[r, cu + np.uint64(j)]
+            out[r, cu + np.uint64(j)] = v
 
 
 # --------------------------------------------------------------------------
@@ -252,29 +338,49 @@ def store_transposed(ot, slot, t0, out, m0, rows, n0, nc):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _finish(ot, slot, t0, out, m0, rows, n0, nc, bias, residual, act):
-    """Write ``ot[slot, t0:t0+nc, :rows]`` transposed into ``out[m0:, n0:]`` (columns < N); epilogue."""
-    nc = min(nc, out.shape[1] - n0)
-    if nc > 0:
-        store_transposed(ot, slot, t0, out, m0, rows, n0, nc)
-        _epilogue_block(out, m0, rows, n0, nc, bias, residual, act)
+def _bias_act(a, s, t0, nc, bias, n0, act, L):
+    """``a[s, t0 + j, :L] = act(a[s, t0 + j, :L] + bias[n0 + j])`` for ``j < nc``: the epilogue
+    in the transposed domain, where bias is one scalar per row of ``a``."""
+    if bias is None and act == ACT_NONE:
+        return
+    for jj in range(nc):
+        bv = np.float32(0.0) if bias is None else bias[n0 + jj]
+        r = t0 + jj
+        if act == ACT_NONE:
+            for j in range(L):
+                a[s, r, j] += bv
+        elif act == ACT_GELU:
+            for j in range(L):
+                a[s, r, j] = gelu_f32(a[s, r, j] + bv)
+        else:
+            for j in range(L):
+                a[s, r, j] = _activate(a[s, r, j] + bv, act)
 
 
 @njit(nogil=True, error_model="numpy", fastmath={"contract"}, cache=True)
-def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, R, C, L):
+def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, R, C, L):
     """Block columns ``j0 .. j0 + nj`` (output columns ``C * j0 ..``) for the rows of chunk ``ch``.
 
     ``R, C, L`` are literals (``C * L <= ACC``), so the ``C x L`` accumulator
     tile and the ``C`` values of a block row are stack arrays that LLVM keeps
     in registers (one load of ``xt`` feeds ``C`` FMAs).  Each K panel is swept
     over all the block columns, so the panel of ``xt`` is reused by all of
-    them; between panels a column lives in ``ot[slot]``.  In the last panel every
-    ``FG`` finished columns are written out.  The column body is inline on
-    purpose: as a separate function LLVM did not inline it, and the call
-    (arguments on the stack, vzeroupper) cost ~25% at 10% density.
+    them; between panels a column lives in ``ot[slot]``.  In the last panel a
+    finished column goes to ``ot[slot]``, or straight to ``xnext[ch, n]``
+    when the result feeds the next kernel in its transposed layout, and every
+    ``FG`` columns get bias and activation there while they are in L1 (in
+    the transposed domain bias is one scalar per column and the activation
+    elementwise; applied to the accumulators instead, the GELU loop is not
+    unrolled, the tile no longer lives in registers and the whole kernel
+    ran ~25% slower).  At the end the task's columns are transposed into
+    ``out`` with the residual (:func:`store_transposed`).  The column body
+    is inline on purpose: as a separate function LLVM did not inline it, and
+    the call (arguments on the stack, vzeroupper) cost ~25% at 10% density.
     """
     acc = numba.carray(stack_f32(ACC), (C, L))
     w = numba.carray(stack_f32(16), (C,))
+    N = out.shape[1]
+    tonext = xnext.shape[0] > 0
     per_fg = max(1, FG // C)
     for b in range(npanel):
         last = b == npanel - 1
@@ -299,14 +405,27 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
                         x = xt[ch, k0 + np.uint64(i), j]
                         for c in range(C):
                             acc[c, j] += w[c] * x
-            for c in range(C):
-                for j in range(L):
-                    ot[slot, t + c, j] = acc[c, j]
+            if tonext and last:
+                for c in range(C):
+                    if n + c < N:  # block padding columns are computed, never stored
+                        for j in range(L):
+                            xnext[ch, n + c, j] = acc[c, j]
+            else:
+                for c in range(C):
+                    for j in range(L):
+                        ot[slot, t + c, j] = acc[c, j]
             if last:
                 i = jb - j0
                 if i % per_fg == per_fg - 1 or jb == j0 + nj - 1:
-                    g0 = (jb - i % per_fg) * C
-                    _finish(ot, slot, g0 - j0 * C, out, m0, rows, g0, n + C - g0, bias, residual, act)
+                    g0 = (jb - i % per_fg) * C  # the group's first output column
+                    nc = min(n + C, N) - g0
+                    if nc > 0:
+                        if tonext:
+                            _bias_act(xnext, ch, g0, nc, bias, g0, act, L)
+                        else:
+                            _bias_act(ot, slot, g0 - j0 * C, nc, bias, g0, act, L)
+    if not tonext:
+        store_transposed(ot, slot, 0, out, m0, rows, j0 * C, min(nj * C, N - j0 * C), residual)
 
 
 def _make_kernel(R, C, L):
@@ -316,11 +435,13 @@ def _make_kernel(R, C, L):
     literals.  (A ``numba.literally`` argument would do the same but makes
     every call from Python go through the dispatcher's compile path: ~3 ms.)
     Numba's on-disk cache keys closures by their constants, so each
-    specialisation is compiled once per machine.
+    specialisation is compiled once per machine.  The chaining modes
+    (``xready``, ``xnext``) are run-time arguments, not constants: one
+    compilation serves chained and plain calls.
     """
 
     @njit(nogil=True, error_model="numpy", parallel=True, cache=True)
-    def kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot):
+    def kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot, xnext, xready):
         M, K = X.shape
         N = out.shape[1]
         if M == 0 or N == 0:
@@ -336,11 +457,25 @@ def _make_kernel(R, C, L):
         Kp = (K + R - 1) // R * R
         npanel = (indptr.shape[0] - 1) // nbc
         nch = (M + W - 1) // W
-        nks = (Kp + KS - 1) // KS
-        for t in prange(nch * nks):
-            ch = t // nks
-            kb = t - ch * nks
-            transpose_block(X, xt, ch, kb * KS, kb * KS + KS, Kp, L)
+        tonext = xnext.shape[0] > 0
+        if tonext and (xnext.shape[0] < nch or xnext.shape[1] < N or xnext.shape[2] != W):
+            raise ValueError("xnext must be a workspace [>= chunks, >= N, lanes of xt] (use chain_workspace)")
+        if residual is not None:
+            if tonext:
+                raise ValueError("a result written to xnext cannot take a residual")
+            if not residual.flags.c_contiguous:
+                raise ValueError("residual must be C-contiguous")
+        if not xready:
+            nks = (Kp + KS - 1) // KS
+            for t in prange(nch * nks):
+                ch = t // nks
+                kb = t - ch * nks
+                transpose_block(X, xt, ch, kb * KS, kb * KS + KS, Kp, L)
+        if tonext:  # rows past N: the next kernel's block padding multiplies them by zero
+            for ch in range(nch):
+                for k in range(N, xnext.shape[1]):
+                    for j in range(L):
+                        xnext[ch, k, j] = 0.0
         # One part per slot of ot (= thread).  The work is (row chunk, group of FG
         # output columns) units in chunk-major order, split evenly between the
         # parts; a part runs its units in tasks of at most NB columns.
@@ -359,13 +494,42 @@ def _make_kernel(R, C, L):
                 m0 = ch * W
                 rows = min(W, M - m0)
                 nj = min(nu * per_fg, nbc - j0)
-                _block_columns(xt, ot, ch, s, indptr, indices, d3, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, R, C, L)
+                _block_columns(xt, ot, ch, s, indptr, indices, d3, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, R, C, L)
                 u += nu
 
     return kernel
 
 
-_KERNELS: dict = {}
+_DRIVERS: dict = {}
+NO_NEXT = np.zeros((0, 0, 0), np.float32)
+
+
+def chain_kernel(R: int, C: int, L: int):
+    """The compiled driver for ``R x C`` blocks and an ``L``-lane register tile (built once).
+
+    Signature ``kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot, xnext, xready)``:
+    the operands of :func:`block_kernel`, plus the two chaining modes
+
+    * ``xready``: ``X.T`` is already in ``xt`` (a previous call wrote it
+      there as its ``xnext``); the transposition is skipped and only
+      ``X.shape[0]`` (= M) is read, so ``X`` may be an ``[M, 0]`` placeholder;
+    * ``xnext``: a workspace ``[>= nchunk, >= N, lanes of xt]`` (from
+      :func:`chain_workspace`), or an empty ``[0, 0, 0]`` array for none.
+      Given, the result ``Y = act(X @ W + bias)`` is written into it
+      transposed, ``xnext[ch, n, i] = Y[ch * lanes + i, n]``, with zeros in
+      rows ``N ..`` (the next kernel's block padding); lanes past M hold
+      values that only ever reach lanes past M.  That is the ``xt`` operand
+      of the next call, with ``xready=True``.  ``out`` is then not written
+      and only ``out.shape[1]`` (= N) is read (an ``[0, N]`` placeholder
+      will do); there is no residual (a residual is row-major: pass None).
+    """
+    key = (int(R), int(C), int(L))
+    k = _DRIVERS.get(key)
+    if k is None:
+        if C * L > ACC or L % 16:
+            raise ValueError(f"register tile {C} x {L} does not fit {ACC} floats (16 zmm)")
+        k = _DRIVERS[key] = _make_kernel(*key)
+    return k
 
 
 def block_kernel(R: int, C: int, L: int):
@@ -376,18 +540,26 @@ def block_kernel(R: int, C: int, L: int):
     X float32 [M, K] C-contiguous; ``(indptr, indices, data)`` from
     :func:`~sparseinfer.kernels.sparse_formats.pack_bsr` (``data [nblk, R, C]``)
     or, for ``R = C = 1``, :func:`~sparseinfer.kernels.sparse_formats.pack_csr`;
-    bias float32 [N] or None; residual float32 [M, N] or None; out float32
-    [M, N] preallocated, not overlapping X or residual; act an ``ACT_*``
+    bias float32 [N] or None; residual float32 [M, N] C-contiguous or None;
+    out float32 [M, N] preallocated, not overlapping X or residual; act an ``ACT_*``
     constant; ``xt [nchunk, >= Kp, lanes]`` (``nchunk * lanes >= M``,
     ``L <= lanes``) and ``ot [>= threads, NB, lanes]`` the aligned workspace.
+    (The driver of :func:`chain_kernel` without chaining.)
     """
-    key = (int(R), int(C), int(L))
-    k = _KERNELS.get(key)
-    if k is None:
-        if C * L > ACC or L % 16:
-            raise ValueError(f"register tile {C} x {L} does not fit {ACC} floats (16 zmm)")
-        k = _KERNELS[key] = _make_kernel(*key)
-    return k
+    drive = chain_kernel(R, C, L)
+
+    def kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot):
+        drive(X, indptr, indices, data, bias, residual, out, act, xt, ot, NO_NEXT, False)
+
+    return kernel
+
+
+def chain_workspace(M: int, N: int, lanes: int) -> np.ndarray:
+    """Aligned ``xnext [ceil(M / lanes), Kp, lanes]`` for a result of ``N`` columns handed to a
+    kernel with ``lanes``-row chunks (``Kp``: N rounded up to 8, the tallest block the next
+    kernel may use, whose padding rows the producing call zeroes)."""
+    nch = max(1, -(-int(M) // lanes))
+    return aligned_empty((nch, max(8, -(-int(N) // 8) * 8), lanes))
 
 
 # --------------------------------------------------------------------------
@@ -406,7 +578,8 @@ def csr_kernel(M: int):
 
 
 def check_operands(X, bias, residual, out, N, act):
-    """Validate the dense operands of a sparse matmul; returns ``(X, out)``."""
+    """Validate the dense operands of a sparse matmul; returns ``(X, residual, out)`` (X and
+    residual C-contiguous: the kernels address them through raw pointers)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D [M, K], got shape {X.shape}")
@@ -421,7 +594,7 @@ def check_operands(X, bias, residual, out, N, act):
         raise ValueError(f"residual must be float32 of shape {(M, N)}, got {residual.dtype} {residual.shape}")
     if act not in (ACT_NONE, ACT_GELU, ACT_GELU_EXACT, ACT_TANH):
         raise ValueError(f"unknown activation code {act!r}")
-    return X, out
+    return X, (None if residual is None else np.ascontiguousarray(residual)), out
 
 
 def check_workspace(ws, nch, krows, lanes, make):
@@ -445,7 +618,7 @@ def csr_matmul(X, packed, N, bias=None, residual=None, out=None, act=ACT_NONE, w
     :func:`csr_kernel` directly with a preallocated workspace.
     """
     indptr, indices, data = packed
-    X, out = check_operands(X, bias, residual, out, N, act)
+    X, residual, out = check_operands(X, bias, residual, out, N, act)
     M, K = X.shape
     if N and (indptr.shape[0] < 2 or (indptr.shape[0] - 1) % N):
         raise ValueError(f"indptr of length {indptr.shape[0]} does not match N={N} (pack with pack_csr)")

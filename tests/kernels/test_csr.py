@@ -166,3 +166,23 @@ def test_csr_kernel_rejects_strided_x():
     ws = C.make_workspace(4, 8, 3)
     with pytest.raises(ValueError, match="C-contiguous"):
         C.csr_kernel(4)(X, *pack_csr(np.ones((8, 3), np.float32)), None, None, np.empty((4, 3), np.float32), C.ACT_NONE, *ws)
+
+
+def test_csr_strided_residual():
+    # the transposed store reads the residual through a raw pointer: csr_matmul hands the kernel a
+    # contiguous copy of a strided one, and the kernel refuses a strided residual
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-1, 1, (40, 30)).astype(np.float32)
+    W = sparse_weight(rng, 30, 20, 0.5)
+    res = rng.uniform(-1, 1, (20, 40)).astype(np.float32).T  # a strided [40, 20] view
+    out = C.csr_matmul(X, pack_csr(W), 20, None, res)
+    np.testing.assert_allclose(out, dense_ref(X, W, None, res), **tolerance("csr", np.float32, 30))
+    with pytest.raises(ValueError, match="residual"):
+        C.csr_kernel(40)(X, *pack_csr(W), None, res, np.empty((40, 20), np.float32), C.ACT_NONE, *C.make_workspace(40, 30))
+
+
+@pytest.mark.parametrize("N", [1024, 2048])
+def test_csr_rows_4k_apart(N):
+    # rows of out a multiple of 4 KiB apart take the staged store (with and without residual)
+    check(N, 130, 40, N, 0.2, True, True, C.ACT_GELU)
+    check(N + 1, 33, 40, N, 0.2, False, False, C.ACT_NONE)

@@ -1,0 +1,110 @@
+"""Chained sparse kernels (``xnext`` / ``xready`` of csr.chain_kernel) vs the NumPy reference.
+
+A producer writes ``act(X @ W + bias)`` transposed into the next kernel's workspace, a consumer
+reads its input from there instead of transposing X; chains of two and three kernels, CSR and
+block-sparse, with the shapes and densities of the plain kernel tests."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparseinfer.graph.reference import dense as dense_ref
+from sparseinfer.kernels import bsr as B
+from sparseinfer.kernels import csr as C
+from sparseinfer.kernels.sparse_formats import aligned_empty, pack_bsr, pack_csr
+from tests.kernels.test_bsr import block_sparse_weight
+from tests.tolerances import tolerance
+
+ACTS = {C.ACT_NONE: "none", C.ACT_GELU: "gelu", C.ACT_GELU_EXACT: "gelu", C.ACT_TANH: "tanh"}
+# blocks whose kernels share a row-chunk width (B.chunk_rows), so one transposed layout serves both;
+# the shapes test_csr / test_bsr compile anyway
+CHUNK_GROUPS = [[(1, 1), (4, 1), (2, 2), (8, 1), (2, 1)], [(1, 4), (4, 4)], [(1, 8)], [(1, 16)]]
+
+
+def step(block, K, M):
+    """(kernel, pack, workspace shapes, padded K) of one link of a chain."""
+    r, c = block
+    lanes = B.chunk_rows(c)
+    kp = -(-K // r) * r
+    pack = pack_csr if block == (1, 1) else (lambda W: pack_bsr(W, block))
+    return C.chain_kernel(r, c, C.lanes_for(M, lanes)), pack, C.workspace_shapes(M, max(r, kp), lanes), lanes
+
+
+def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res):
+    """X [M, dims[0]] through len(blocks) chained sparse Dense; checks every link against the reference
+    applied to the link's actual input (the previous kernel's result read back from its workspace)."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (M, dims[0])).astype(np.float32)
+    x, xt, x_rows = X, None, np.empty((M, 0), np.float32)
+    nlinks = len(blocks)
+    for i, block in enumerate(blocks):
+        K, N = dims[i], dims[i + 1]
+        kernel, pack, (sx, so), lanes = step(block, K, M)
+        W = block_sparse_weight(rng, K, N, block, dens[i])
+        bias = rng.uniform(-1, 1, N).astype(np.float32) if use_bias else None
+        last = i == nlinks - 1
+        res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res and last else None
+        ot = aligned_empty(so)
+        ot[:] = np.nan
+        ref = dense_ref(x, W, bias, res, activation=ACTS[acts[i]])
+        tol = tolerance("bsr", np.float32, K)
+        if xt is None:  # the first link transposes X itself
+            xt = aligned_empty(sx)
+            xt[:] = np.nan
+        if last:
+            out = np.full((M, N), np.nan, np.float32)
+            kernel(X if i == 0 else x_rows, *pack(W), bias, res, out, acts[i], xt, ot, C.NO_NEXT, i > 0)
+            np.testing.assert_allclose(out, ref, **tol)
+        else:
+            xnext = C.chain_workspace(M, N, lanes)
+            xnext[:] = np.nan  # stale values must never be read
+            kernel(X if i == 0 else x_rows, *pack(W), bias, None, np.empty((0, N), np.float32), acts[i], xt, ot, xnext, i > 0)
+            nch = -(-M // lanes)
+            y = xnext[:nch, :N].transpose(0, 2, 1).reshape(nch * lanes, N)[:M]  # back to row-major
+            np.testing.assert_allclose(y, ref, **tol)
+            assert not np.any(xnext[:nch, N:, : C.lanes_for(M, lanes)])  # the next kernel's K padding
+            x, xt = y, xnext
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.sampled_from([1, 20, 77, 130]),
+    dims=st.lists(st.integers(1, 150), min_size=4, max_size=4),
+    group=st.sampled_from(range(len(CHUNK_GROUPS))),
+    picks=st.lists(st.integers(0, 4), min_size=3, max_size=3),
+    links=st.sampled_from([2, 3]),
+    dens=st.lists(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)), min_size=3, max_size=3),
+    acts=st.lists(st.sampled_from(list(ACTS)), min_size=3, max_size=3),
+    use_bias=st.booleans(),
+    use_res=st.booleans(),
+)
+def test_chain_random(seed, M, dims, group, picks, links, dens, acts, use_bias, use_res):
+    # M: one row, partial tiles, two row chunks; dims mostly not multiples of 16 or of the block;
+    # with three links the middle kernel reads and writes a chained workspace
+    blocks = [CHUNK_GROUPS[group][p % len(CHUNK_GROUPS[group])] for p in picks[:links]]
+    run_chain(seed, M, dims[: links + 1], blocks, dens, acts, use_bias, use_res)
+
+
+@pytest.mark.parametrize("blocks", [[(1, 1), (1, 1)], [(1, 4), (4, 4)], [(4, 1), (2, 2)]])
+def test_chain_bert_ff(blocks):
+    # BERT's feed-forward pair: 768 -> 3072 (bias, GELU), 3072 -> 768 (bias, residual)
+    run_chain(3, 128, [768, 3072, 768], blocks, [0.1, 0.1], [C.ACT_GELU, C.ACT_NONE], True, True)
+
+
+def test_chain_workspace_checked():
+    kernel, pack, (sx, so), lanes = step((1, 1), 8, 20)
+    W = np.ones((8, 5), np.float32)
+    small = C.chain_workspace(20, 4, lanes)[:, :4]  # fewer rows than N
+    with pytest.raises(ValueError, match="xnext"):
+        kernel(np.ones((20, 8), np.float32), *pack(W), None, None, np.empty((0, 5), np.float32), C.ACT_NONE,
+               aligned_empty(sx), aligned_empty(so), np.ascontiguousarray(small), False)  # fmt: skip
+
+
+def test_chain_refuses_a_residual_with_xnext():
+    kernel, pack, (sx, so), lanes = step((1, 1), 8, 20)
+    W = np.ones((8, 5), np.float32)
+    with pytest.raises(ValueError, match="residual"):
+        kernel(np.ones((20, 8), np.float32), *pack(W), None, np.ones((20, 5), np.float32), np.empty((0, 5), np.float32), C.ACT_NONE,
+               aligned_empty(sx), aligned_empty(so), C.chain_workspace(20, 5, lanes), False)  # fmt: skip
