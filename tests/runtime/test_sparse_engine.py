@@ -6,6 +6,7 @@ import pytest
 
 import sparseinfer
 from sparseinfer import Engine
+from sparseinfer.runtime.plan import Plan
 from tests.conftest import FIXTURES, make_inputs, manifest_entry
 from tests.tolerances import MODEL_ATOL, MODEL_RTOL
 
@@ -38,3 +39,29 @@ def test_describe_reports_savings_for_sparse_weights():
     rows = [r for r in engine.describe() if r["layout"] == "bsr"]
     # pruning rounds to whole blocks per weight (461 of 512 blocks of a 32x64 weight is 0.9004)
     assert rows and all(r["block"] == (1, 4) and abs(r["flops_saved"] - 0.9) <= 0.005 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "path, block",
+    [("bert-sequence-classification/model.onnx", None), ("bert-token-classification/model.onnx", (1, 4))],
+)
+def test_chained_feed_forward_matches_onnxruntime_and_the_unchained_plan(path, block):
+    # FF1 (GELU) feeds only FF2 in every layer: the pair runs chained (FF1 writes FF2's transposed
+    # input; the intermediate has no buffer), and gives what onnxruntime gives on the pruned file
+    pruned = sparseinfer.prune(FIXTURES / path, sparsity=0.9, block=block)
+    engine = Engine(pruned, num_threads=2)
+    session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch, seq in [(1, 1), (2, 9), (3, 40)]:
+        feeds = make_inputs(manifest_entry(path), batch, seq, seed=seq)
+        plan = engine.plan(feeds)
+        chains = plan.sparse_chains.values()
+        assert len(chains) == 2  # one per encoder layer
+        for c in chains:
+            assert c.producer.attrs["activation"] == "gelu" and c.value not in plan.buffers.slot_of
+        ours = engine.run(feeds)
+        unchained = Plan(plan.graph, chain_sparse=False).run(feeds)
+        for a, b, u in zip(ours, session.run(None, feeds), unchained):
+            np.testing.assert_allclose(a, b, atol=MODEL_ATOL, rtol=MODEL_RTOL)
+            np.testing.assert_array_equal(a, u)
+        profile = engine.profile(feeds)
+        assert len(profile) == len(plan.steps) and all(r["kind"] == "kernel" for r in profile if r["op"] == "Dense")

@@ -1,0 +1,141 @@
+"""Lower a Dense node whose weight the layout pass stored as CSR or r x c blocks, and chain
+consecutive sparse Dense steps through the kernels' transposed workspace.
+
+The sparse kernels compute ``out.T = W.T @ X.T``: they transpose their input into a workspace
+``xt`` and their result back into row-major ``out`` (:mod:`sparseinfer.kernels.csr`). When a
+sparse Dense's output is read by nothing but one other sparse Dense, as its ``x`` input, and is
+not a graph output (BERT's feed-forward pair: FF1 768 -> 3072 with GELU, read only by FF2
+3072 -> 768), both transposes of the intermediate are wasted. Such a pair is *chained*: the
+producer writes its result, bias and activation applied, straight into the consumer's ``xt``
+(the kernel's ``xnext`` mode) and the consumer skips its input transposition (``xready``). The
+intermediate tensor then never exists in row-major form: the plan gives it no arena buffer and
+it is never in a run's ``env``. A chain needs a producer without residual (the residual is
+row-major) and both kernels with the same row chunk (``chunk_rows`` of the block width, 128
+for CSR), so that one ``xt`` layout serves both; otherwise each step is lowered on its own.
+
+The chained ``xt`` lives in the plan's per-arena workspaces. Chains of the same shape whose
+live ranges (producer step to consumer step) do not overlap share one array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..graph import Graph, Node
+from ..graph.reference import ENGINE_DOMAIN
+from ..kernels import bsr as k_bsr
+from ..kernels import csr as k_csr
+from ..kernels.sparse_formats import pack_bsr, pack_csr
+
+if TYPE_CHECKING:
+    from .plan import DenseOperands, Plan, Step
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A producer -> consumer pair of sparse Dense steps sharing the consumer's ``xt``."""
+
+    value: str  # the intermediate tensor (producer output, consumer x)
+    producer: Node
+    consumer: Node
+    workspace: str  # arena name of the shared xt
+    shape: tuple[int, int, int]
+
+
+def sparse_block(graph: Graph, node: Node) -> tuple[int, int] | None:
+    """``(r, c)`` (``(1, 1)`` for CSR) if ``node`` is a Dense the plan runs on the fp32 sparse kernels."""
+    from .plan import dense_operands  # here, not at import: plan imports this module
+
+    if node.domain != ENGINE_DOMAIN or node.op != "Dense" or node.attrs.get("quantize") == "int8":
+        return None
+    layout = node.attrs.get("layout", "dense")
+    if layout not in ("csr", "bsr") or dense_operands(graph, node) is None:
+        return None
+    return (1, 1) if layout == "csr" else tuple(int(b) for b in node.attrs["block"])
+
+
+def find_chains(graph: Graph) -> dict[str, Chain]:
+    """The chainable producer -> consumer pairs of sparse Dense nodes, by intermediate value."""
+    from .plan import dense_operands
+
+    readers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name:
+                readers.setdefault(name, []).append(node)
+    order = {id(node): i for i, node in enumerate(graph.nodes)}
+    outputs = set(graph.outputs)
+    chains: dict[str, Chain] = {}
+    busy: dict[tuple, list[int]] = {}  # workspace shape -> step index up to which each array is in use
+    for node in graph.nodes:
+        bp = sparse_block(graph, node)
+        if bp is None or len(node.outputs) != 1:
+            continue
+        value = node.outputs[0]
+        users = readers.get(value, [])
+        if value in outputs or len(users) != 1:
+            continue
+        consumer = users[0]
+        bq = sparse_block(graph, consumer)
+        if bq is None or consumer.inputs[0] != value or value in consumer.inputs[1:]:
+            continue
+        p, q = dense_operands(graph, node), dense_operands(graph, consumer)
+        lanes = k_bsr.chunk_rows(bp[1])
+        if p.residual is not None or lanes != k_bsr.chunk_rows(bq[1]) or p.m != q.m or q.k != p.n:
+            continue
+        shape = k_csr.chain_workspace(p.m, p.n, lanes).shape
+        start, end = order[id(node)], order[id(consumer)]
+        ends = busy.setdefault(shape, [])
+        slot = next((i for i, e in enumerate(ends) if e < start), len(ends))
+        if slot == len(ends):
+            ends.append(end)
+        else:
+            ends[slot] = end
+        name = f"Sparse__chain{slot}__{'x'.join(map(str, shape))}"
+        chains[value] = Chain(value, node, consumer, name, shape)
+    return chains
+
+
+def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) -> Step:
+    """The kernel step of a sparse Dense; chained to its neighbours where ``plan.sparse_chains`` says."""
+    from .plan import Step, _out_rows, _rows
+
+    m, k, n, weight = ops.m, ops.k, ops.n, ops.weight
+    if layout == "csr":
+        packed = plan.weights.get(("csr", ops.w), lambda: pack_csr(weight))
+        r, c = 1, 1
+    else:
+        block = tuple(node.attrs["block"])
+        packed = plan.weights.get(("bsr", ops.w, block), lambda: pack_bsr(weight, block))
+        r, c = k_bsr.check_block(block)
+    lanes = k_bsr.chunk_rows(c)
+    kernel = k_csr.chain_kernel(r, c, k_csr.lanes_for(m, lanes))
+    indptr, indices, data = packed
+    src = plan.sparse_chains.get(ops.x)
+    src = src if src is not None and src.consumer is node else None
+    dst = plan.sparse_chains.get(node.outputs[0])
+    # steps run one after another and the scratch does not outlive a step: share it per shape
+    xt_shape, ot_shape = k_csr.workspace_shapes(m, max(r, -(-k // r) * r), lanes)
+    ws = [f"Sparse__ws{i}__{'x'.join(map(str, s))}" for i, s in enumerate((xt_shape, ot_shape))]
+    if src is not None:
+        ws[0] = src.workspace
+    for name, shape in zip(ws, (xt_shape, ot_shape)):
+        plan.workspaces.setdefault(name, shape)
+    if dst is not None:
+        plan.workspaces[dst.workspace] = dst.shape
+    x_rows = np.empty((m, 0), np.float32)  # only its row count is read when X.T is ready in xt
+    flops = 2 * m * int(np.count_nonzero(weight))
+
+    def run(env, out, arena):
+        x = x_rows if src is not None else _rows(env[ops.x])
+        res = None if ops.residual is None else _rows(env[ops.residual])
+        xnext = k_csr.NO_NEXT if dst is None else arena[dst.workspace]
+        kernel(x, indptr, indices, data, ops.bias, res, out, ops.act, arena[ws[0]], arena[ws[1]], xnext, src is not None)
+
+    if dst is None:
+        return plan._kernel(node, lambda env, out, arena: run(env, _out_rows(out), arena), flops)
+    no_out = np.empty((0, n), np.float32)  # only its column count is read: the result goes to xnext
+    return Step(node, "kernel", lambda env, arena: run(env, no_out, arena), flops, buffer=False)
