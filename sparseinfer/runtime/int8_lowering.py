@@ -9,6 +9,11 @@ The quantized activations (uint8 [M, Kp]), their scales (float32 [M]) and zero p
 [M]) live in the plan's per-arena float32 workspaces, viewed as bytes (Kp is a multiple of 4, so
 [M, Kp / 4] float32 is exactly [M, Kp] uint8). Steps run one after another and nothing in the
 scratch outlives its step, so every int8 step with the same M and Kp shares one set.
+
+A quantized node with `layout="bsr"`, `block=[4, 1]` (the quantize pass's choice for a sparse
+weight) runs the sparse int8 kernel (`sparseinfer.kernels.int8_sparse`) instead: the weight packed
+as its nonzero 4 x 1 blocks, the rows quantized inside the kernel's first parallel region into the
+same scratch, its relaid activations and output columns in workspaces shared per shape as well.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import numpy as np
 
 from ..graph import Node
 from ..kernels import int8 as k_int8
+from ..kernels import int8_sparse as k_int8_sparse
 
 if TYPE_CHECKING:
-    from .plan import Plan, Step
+    from .plan import DenseOperands, Plan, Step
 
 
 def packed_int8(plan: Plan, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -37,15 +43,35 @@ def packed_int8(plan: Plan, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return plan.weights.get(("int8", name), make)
 
 
+def packed_sparse_int8(plan: Plan, name: str) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, np.ndarray] | None:
+    """`((indptr, indices, data), scale_w, colsum)` of the constant float32 [K, N] weight `name` in
+    the sparse int8 format (nonzero 4 x 1 blocks), made once per engine; None as `packed_int8`."""
+
+    def make():
+        w = plan.graph.const(name)
+        if w.shape[0] > k_int8.MAX_K or not np.isfinite(w).all():
+            return None
+        return k_int8_sparse.pack_weight_sparse_int8(w)
+
+    return plan.weights.get(("int8_4x1", name), make)
+
+
+def _sparse_int8(node: Node) -> bool:
+    return node.attrs.get("layout") == "bsr" and [int(b) for b in node.attrs.get("block") or ()] == [4, 1]
+
+
 def lower_dense_int8(plan: Plan, node: Node) -> Step | None:
-    """A kernel step computing the Dense `node` in int8, or None when the int8 kernel does not
-    apply (the caller then lowers it as usual): when no matmul kernel does (`dense_operands`),
-    or the weight holds a NaN/Inf or has K above the kernel's int32 limit."""
+    """A kernel step computing the Dense `node` in int8 (the sparse int8 kernel for a 4x1-block
+    layout, else the dense one), or None when the int8 kernel does not apply (the caller then
+    lowers it as usual): when no matmul kernel does (`dense_operands`), or the weight holds a
+    NaN/Inf or has K above the kernel's int32 limit."""
     from .plan import _rows, dense_operands  # here, not at import: plan imports this module
 
     ops = dense_operands(plan.graph, node)
     if ops is None:
         return None
+    if _sparse_int8(node):
+        return _lower_sparse(plan, node, ops)
     quantized = packed_int8(plan, ops.w)
     if quantized is None:
         return None
@@ -64,3 +90,28 @@ def lower_dense_int8(plan: Plan, node: Node) -> Step | None:
         k_int8.dense_int8_packed(xq, x_scale, x_zp, packed, w_scale, colsum, b, res, out.reshape(-1, n), act)
 
     return plan._kernel(node, call, flops=2 * m * k * n)
+
+
+def _lower_sparse(plan: Plan, node: Node, ops: DenseOperands) -> Step | None:
+    """The sparse int8 kernel step of a Dense stored as nonzero 4 x 1 blocks."""
+    from .plan import _rows
+
+    quantized = packed_sparse_int8(plan, ops.w)
+    if quantized is None:
+        return None
+    (indptr, indices, data), w_scale, colsum = quantized
+    x, residual, b, act, m, k, n = ops.x, ops.residual, ops.bias, ops.act, ops.m, ops.k, ops.n
+    shapes = k_int8_sparse.workspace_shapes(m, k)
+    kp = k_int8.padded_k(k)
+    names = {"xq": f"Dense_int8__xq__{m}x{kp}", "x_scale": f"Dense_int8__scale__{m}", "x_zp": f"Dense_int8__zp__{m}"}
+    names.update({a: f"Sparse_int8__{a}__{'x'.join(map(str, shapes[a]))}" for a in ("xt", "xs", "ot")})
+    plan.workspaces.update({names[a]: shapes[a] for a in names})
+    kernel = k_int8_sparse.sparse_int8_kernel(m)
+
+    def call(env, out, arena):
+        ws = k_int8_sparse.as_kernel_operands({a: arena[name] for a, name in names.items()}, m)
+        res = None if residual is None else _rows(env[residual])
+        xq, xs, xz, xt, xsc, ot = ws["xq"], ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"]
+        kernel(_rows(env[x]), indptr, indices, data, w_scale, colsum, b, res, out.reshape(-1, n), act, xq, xs, xz, xt, xsc, ot)
+
+    return plan._kernel(node, call, flops=2 * m * int(np.count_nonzero(ops.weight)))
