@@ -5,6 +5,7 @@ engine = sparseinfer.Engine("model.onnx")
 logits, = engine(inputs)
 """
 
+from .export.int8_model import quantize
 from .graph import ModelLoadError, UnsupportedOpError, import_onnx
 from .passes.prune import prune, weight_sparsity
 from .runtime import Engine, InputError
@@ -20,6 +21,7 @@ __all__ = [
     "UnsupportedOpError",
     "import_onnx",
     "prune",
+    "quantize",
     "weight_sparsity",
     "__version__",
 ]

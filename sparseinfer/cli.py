@@ -2,7 +2,7 @@
 
     sparseinfer benchmark model.onnx -b 8 -s async -nstreams 2 -t 20 -x results.json
     sparseinfer analyze model_dir --seq 128 --plot layers.png
-    sparseinfer sparsify model_dir --sparsity 0.9 --block 4x1 -o pruned/
+    sparseinfer sparsify model_dir --sparsity 0.9 --block 4x1 --quantize int8 -o pruned-int8/
     sparseinfer run --task sentiment-analysis --model-path model_dir "I loved it" "Not again"
     sparseinfer serve --task qa --model-path model_dir --port 5543
 
@@ -615,7 +615,7 @@ def _analyze(args: argparse.Namespace) -> dict:
         name = node.name or node.outputs[0]
         ms = statistics.median(p[i]["ms"] for p in profiles)
         shape = plan.graph.info(node.outputs[0]).shape
-        w = weights.get(name) if node.op == "Dense" else None
+        w = weights.get(name) if node.op in ("Dense", "QDense") else None
         layers.append(
             {
                 "index": i,
@@ -777,14 +777,20 @@ def _copy_companions(source_dir: Path, out_dir: Path) -> list[str]:
 
 
 def cmd_sparsify(args: argparse.Namespace) -> int:
+    from .export.int8_model import quantize
     from .passes.prune import prune, weight_sparsity
 
-    if args.quantize is not None:
-        raise UsageError(
-            f"--quantize {args.quantize}: writing an int8 model file is not available yet; sparsify without it, then run the "
-            "pruned model in int8 with `sparseinfer benchmark OUT --quantize` or Engine(OUT, quantize='int8')"
-        )
-    if not 0.0 <= args.sparsity < 1.0:
+    _check_quantize(args.quantize)
+    if args.sparsity is None and args.quantize is None:
+        raise UsageError("nothing to do: give --sparsity to prune, --quantize int8 to quantize, or both (pruning comes first)")
+    if args.sparsity is None:
+        given = [flag for flag, value in (("--block", args.block), ("--include", args.include), ("--heads", args.heads)) if value]
+        given += [flag for flag, value in (("--embeddings", args.embeddings), ("--exclude", args.exclude)) if value]
+        if args.scope != "per-layer":
+            given.append("--scope")
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to pruning: give --sparsity too (or leave them out to only quantize)")
+    elif not 0.0 <= args.sparsity < 1.0:
         raise UsageError(f"--sparsity must be in [0, 1) (the fraction of weights to zero: 0.9 zeroes 90%), got {args.sparsity:g}")
     model_file = _model_file(args.model)
     out = Path(args.output)
@@ -792,37 +798,49 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     out_file = out / "model.onnx" if to_dir else out
     if out_file.exists() and os.path.samefile(out_file, model_file):
         raise UsageError(f"-o {args.output!r} would overwrite the source model; write the sparsified model elsewhere")
-    with _progress(
-        f"pruning {model_file} to {args.sparsity:.0%} ({args.scope}, block {'x'.join(map(str, args.block)) if args.block else 'none'})",
-        args.quiet,
-    ):
-        prune(
-            model_file,
-            sparsity=args.sparsity,
-            block=args.block,
-            scope=args.scope,
-            out=out_file,
-            include=args.include,
-            exclude=args.exclude,
-            heads=args.heads,
-            embeddings=args.embeddings,
-        )
+    source = model_file
+    if args.sparsity is not None:
+        with _progress(
+            f"pruning {model_file} to {args.sparsity:.0%} ({args.scope}, block {'x'.join(map(str, args.block)) if args.block else 'none'})",
+            args.quiet,
+        ):
+            source = prune(
+                model_file,
+                sparsity=args.sparsity,
+                block=args.block,
+                scope=args.scope,
+                out=None if args.quantize else out_file,
+                include=args.include,
+                exclude=args.exclude,
+                heads=args.heads,
+                embeddings=args.embeddings,
+            )
+    quantized = None
+    if args.quantize:
+        with _progress(f"quantizing the encoder's linear layers to {args.quantize}", args.quiet):
+            kept = {t.name for t in quantize(source, out=out_file).graph.initializer}
+        quantized = {r["name"] for r in weight_sparsity(source) if r["role"] != "embedding" and r["name"] not in kept}
     copied = []
     if to_dir:
         source_dir = model_file.parent
         if (source_dir / "config.json").is_file() or (source_dir / "tokenizer.json").is_file():
             copied = _copy_companions(source_dir, out)
-    rows = weight_sparsity(out_file, block=args.block)
+    # the weights as pruned (fp32): an int8 weight keeps the zeros (0 quantizes to 0)
+    rows = weight_sparsity(source if quantized is not None else out_file, block=args.block)
     width = min(64, max((len(r["name"]) for r in rows), default=4))
     head = f"{'weight':<{width}}  {'role':<9} {'shape':<14} {'sparsity':>8}"
     if args.block:
         head += f" {'block sparsity':>14}"
+    if quantized is not None:
+        head += f" {'dtype':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
         line = f"{_short(r['name'], width):<{width}}  {r['role']:<9} {_fmt(r['shape']):<14} {r['sparsity']:>8.1%}"
         if args.block:
             line += f" {_num(r['block_sparsity'], '{:.1%}'):>14}"
+        if quantized is not None:
+            line += f" {'int8' if r['name'] in quantized else 'fp32':>5}"
         print(line)
     by_role: dict[str, list[int]] = {}
     for r in rows:
@@ -831,6 +849,11 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
         zeros_size[1] += r["size"]
     print()
     print("zeros by role: " + "; ".join(f"{role} {z / n:.1%} of {n} elements" for role, (z, n) in by_role.items() if n))
+    if quantized is not None:
+        print(
+            f"int8: {len(quantized)} linear weights (symmetric per output channel; activations quantized per tensor at run time, "
+            "DynamicQuantizeLinear + MatMulInteger)"
+        )
     print(f"wrote {out_file}" + (f" (with {', '.join(copied)})" if copied else ""))
     return 0
 
@@ -1068,15 +1091,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sparsify",
         parents=[debug],
-        help="magnitude-prune a model's encoder weights (for experiments; accuracy is lost without fine-tuning)",
+        help="magnitude-prune a model's encoder weights and/or quantize them to int8, and write the new model",
         description=(
-            "Zero the smallest-magnitude encoder weights (or blocks) and write a new model. Without fine-tuning this destroys "
-            "accuracy: use it for benchmarks and experiments. OUT ending in .onnx is a file; otherwise a directory that also "
-            "receives the source directory's tokenizer and config files."
+            "Zero the smallest-magnitude encoder weights (or blocks) with --sparsity, then with --quantize int8 quantize the "
+            "encoder's linear layers (symmetric int8 weights per output channel, activations quantized per tensor at run time), "
+            "and write a new model. Pruning without fine-tuning destroys accuracy: use it for benchmarks and experiments. OUT "
+            "ending in .onnx is a file; otherwise a directory that also receives the source directory's tokenizer and config files."
         ),
     )
     p.add_argument("model", help="an .onnx file, or a directory holding model.onnx")
-    p.add_argument("--sparsity", type=_fraction, required=True, help="fraction of weights (or blocks) to zero, in [0, 1)")
+    p.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights (or blocks) to zero, in [0, 1)")
     p.add_argument("--block", type=parse_block, default=None, metavar="RxC", help="zero whole blocks of the [K, N] weight view, e.g. 4x1")
     p.add_argument("--scope", choices=("per-layer", "global"), default="per-layer", help="rank within each weight or over all of them")
     p.add_argument("--include", action="append", default=None, metavar="REGEX", help="only weights whose name matches (repeatable)")
@@ -1084,7 +1108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", action="store_true", help="prune the task head too")
     p.add_argument("--embeddings", action="store_true", help="prune the embedding tables too")
     p.add_argument(
-        "--quantize", default=None, metavar="int8", help="writing int8 model files is not available yet (run with --quantize instead)"
+        "--quantize",
+        default=None,
+        metavar="int8",
+        help="then quantize the encoder's linear layers to int8 (ONNX DynamicQuantizeLinear + MatMulInteger; onnxruntime runs it too)",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .onnx file to write, or a directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")

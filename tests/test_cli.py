@@ -17,10 +17,13 @@ import types
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from sparseinfer import Engine, Pipeline, weight_sparsity
 from sparseinfer.cli import main, parse_block, parse_input_shapes
+from tests.tolerances import INT8_FILE_MAX_DIFF_OF_RANGE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 CLS = FIXTURES / "bert-sequence-classification"
@@ -274,6 +277,38 @@ def test_sparsify_to_file_global(capsys, tmp_path):
     assert zeros / size == pytest.approx(0.5, abs=0.01)
 
 
+def test_sparsify_then_quantize(capsys, tmp_path):
+    out = tmp_path / "pruned-int8"
+    code, stdout, err = run_cli(capsys, "sparsify", CLS, "--sparsity", "0.5", "--block", "4x1", "--quantize", "int8", "-o", out)
+    assert code == 0, err
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulInteger") == 12 and ops.count("DynamicQuantizeLinear") == 8  # the encoder; the head stays fp32
+    for mm in (n for n in model.graph.node if n.op_type == "MatMulInteger"):  # pruned first, then quantized: the zeros stay
+        blocks = inits[mm.input[1]].reshape(-1, 4, inits[mm.input[1]].shape[1])
+        assert (~blocks.any(axis=1)).mean() >= 0.5
+    assert (out / "tokenizer.json").is_file()
+    assert "int8: 12 linear weights" in stdout and stdout.count(" int8") >= 12 and "50.0%" in stdout
+    # onnxruntime runs it, and so does the engine, on the int8 kernel
+    ort = pytest.importorskip("onnxruntime")
+    ids = np.array([[2, 51, 87, 3, 9, 14]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    (theirs,) = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    engine = Engine(out)
+    (ours,) = engine.run(feeds)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=INT8_FILE_MAX_DIFF_OF_RANGE * (theirs.max() - theirs.min()))
+    assert sum(1 for r in engine.profile(feeds) if r["op"] == "QDense" and r["kind"] == "kernel") == 12 - 4  # Q, K, V merged
+
+
+def test_quantize_only(capsys, tmp_path):
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = run_cli(capsys, "sparsify", CLS, "--quantize", "int8", "-o", out, "-q")
+    assert code == 0 and not err, err
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("MatMulInteger") == 12
+    assert "encoder 0.0%" in stdout  # nothing pruned
+
+
 # ----------------------------------------------------------------------------- run
 def _lines(stdout: str) -> list:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
@@ -394,10 +429,10 @@ def test_serve_without_extras(capsys, monkeypatch, missing):
         (["sparsify", str(CLS), "--sparsity", "-0.1", "-o", "x.onnx"], "must be in [0, 1)"),
         (["sparsify", str(CLS), "--sparsity", "0.5", "--block", "4", "-o", "x.onnx"], "block must be"),
         (["sparsify", str(CLS), "--sparsity", "0.5", "--block", "3x1", "-o", "x.onnx"], "does not tile"),
-        (
-            ["sparsify", str(CLS), "--sparsity", "0.5", "--quantize", "int8", "-o", "x.onnx"],
-            "writing an int8 model file is not available yet",
-        ),
+        (["sparsify", str(CLS), "-o", "x.onnx"], "nothing to do"),
+        (["sparsify", str(CLS), "--quantize", "int4", "-o", "x.onnx"], "the only quantization is int8"),
+        (["sparsify", str(CLS), "--quantize", "int8", "--block", "4x1", "-o", "x.onnx"], "--block only apply to pruning"),
+        (["sparsify", str(CLS), "--quantize", "int8", "-o", str(CLS / "model.onnx")], "overwrite the source"),
         (["sparsify", str(CLS), "--sparsity", "0.5", "-o", str(CLS / "model.onnx")], "overwrite the source"),
         (["run", "--task", "nope", "--model-path", str(CLS), "x"], "unknown task"),
         (["run", "--task", "qa", "--model-path", str(QA), "plain text"], "--question"),

@@ -589,10 +589,15 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
 
 @register("QLinearMatMul", since=10)
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
-    acc = matmul_integer(a, b, a_zero_point, b_zero_point).astype(np.float64)
+    return requantize(matmul_integer(a, b, a_zero_point, b_zero_point), a_scale, b_scale, y_scale, y_zero_point)
+
+
+def requantize(acc, a_scale, b_scale, y_scale, y_zero_point) -> np.ndarray:
+    """QLinearMatMul's output from its int32 accumulator: sat(rint(acc * a_scale * b_scale / y_scale) + y_zero_point),
+    the multiplier in float64 (also what the planner's QLinearMatMul step runs after the int8 kernel)."""
     a_s = np.asarray(a_scale, np.float64)
     a_s = a_s.reshape(-1, 1) if a_s.ndim == 1 and a_s.size > 1 else a_s
-    y = np.rint(acc * (a_s * np.asarray(b_scale, np.float64) / np.asarray(y_scale, np.float64)))
+    y = np.rint(np.asarray(acc).astype(np.float64) * (a_s * np.asarray(b_scale, np.float64) / np.asarray(y_scale, np.float64)))
     return _saturate(y + np.asarray(y_zero_point).astype(np.float64), y_zero_point.dtype)
 
 
@@ -624,11 +629,44 @@ def dense(x, w, bias=None, residual=None, *, activation="none", layout="dense", 
     return y.astype(x.dtype)
 
 
+@register("QDense", domain=ENGINE_DOMAIN)
+def qdense(x, wq, w_scale, x_scale=None, x_zero_point=None, bias=None, residual=None, *, activation="none"):
+    """An int8 matmul with its dequantization, as quantized ONNX files spell it out:
+
+        xq, sx, zx = DynamicQuantizeLinear(x)               (no x_scale: per tensor, dynamic)
+                   | QuantizeLinear(x, x_scale, x_zero_point) (static; uint8 zero point)
+        y = activation(float32(int32((xq - zx) @ wq)) * (sx * w_scale) + bias) + residual
+
+    `wq` is a constant int8 [K, N] with zero point 0 and `w_scale` float32 [N] (one per output
+    column). The integer product is exact; the dequantization is float32 arithmetic in the order
+    onnxruntime's dynamic quantization writes it (Cast, then Mul by the float32 product of the two
+    scales), then the bias Add in float32; the activation is computed in float64 and rounded."""
+    x32 = np.asarray(x, np.float32)
+    if x_scale is None:
+        xq, sx, zx = dynamic_quantize_linear(x32)
+    else:
+        sx, zx = np.asarray(x_scale, np.float32).reshape(()), np.asarray(x_zero_point).reshape(())
+        if zx.dtype != np.uint8:
+            raise ValueError(f"QDense: x_zero_point must be uint8, got {zx.dtype}")
+        xq = quantize_linear(x32, sx, zx)
+    acc = np.matmul(xq.astype(np.int64) - np.int64(zx), wq.astype(np.int64)).astype(np.int32)
+    y = acc.astype(np.float32) * (np.float32(sx) * np.asarray(w_scale, np.float32).reshape(-1))
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32).reshape(-1)
+    if activation != "none":
+        y = ACTIVATIONS[activation](y.astype(np.float64)).astype(np.float32)
+    if residual is not None:
+        y = y + residual
+    return y.astype(x.dtype)
+
+
 @register("Attention", domain=ENGINE_DOMAIN)
-def attention(q, k, v, mask=None, *, num_heads, scale, hidden=0, q_offset=0, k_offset=0, v_offset=0):
+def attention(q, k, v, mask=None, *, num_heads, scale, hidden=0, q_offset=0, k_offset=0, v_offset=0, quantize=None):
     """Multi-head scaled dot-product attention. Q, K and V are the `hidden` (= H*D; default: all)
     columns of q, k, v ([B, S, *]) starting at their offsets, so one fused QKV projection can feed
-    all three. `mask` is added to the scores and broadcasts to [B, H, S, S]. Returns [B, S, hidden]."""
+    all three. `mask` is added to the scores and broadcasts to [B, H, S, S]. Returns [B, S, hidden].
+    `quantize` ("int8") says the planner may run the two products in int8; the reference is the
+    fp32 semantics and ignores it (as `dense` ignores its `quantize`)."""
     hd = hidden or q.shape[-1]
     b, s = q.shape[:2]
     d = hd // num_heads

@@ -574,6 +574,12 @@ def _dense(node, ins, vals):
     return [TensorInfo(ins[0].dtype, None if x is None or w is None else tuple(x[:-1]) + (w[-1],))]
 
 
+@rule("sparseinfer::QDense")
+def _qdense(node, ins, vals):
+    x, w = ins[0].shape, ins[1].shape
+    return [TensorInfo(ins[0].dtype, None if x is None or w is None else tuple(x[:-1]) + (w[-1],))]
+
+
 @rule("sparseinfer::Attention")
 def _attention(node, ins, vals):
     q = ins[0].shape

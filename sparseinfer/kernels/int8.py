@@ -107,6 +107,8 @@ __all__ = [
     "HAS_VNNI",
     "DOT_INSTRUCTION",
     "quantize_rows",
+    "quantize_tensor",
+    "quantize_static",
     "quantize_weight",
     "pack_quantized",
     "pack_weight_int8",
@@ -329,25 +331,38 @@ def _row_range(x, r):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _quantize_row(x, r, out, scale, zero_point):
+def _scale_zero_point(lo, hi):
+    """DynamicQuantizeLinear's ``(scale, zero point)`` (both float32) of the range ``[lo, hi]``
+    (0 included): the difference in float64, the scale rounded once to float32."""
+    s = np.float32((np.float64(hi) - np.float64(lo)) / 255.0)
+    if s == 0:
+        return s, np.float32(0.0)
+    return s, min(max(np.rint(-lo / s), np.float32(0.0)), np.float32(255.0))
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _quantize_row_with(x, r, out, s, zp):
+    """Row ``r``: ``out = sat_u8(rint(x / s) + zp)`` (all zeros when ``s == 0``), padding = ``zp``."""
     K = np.uint64(x.shape[1])
     Kp = np.uint64(out.shape[1])
     ru = np.uint64(r)
-    lo, hi = _row_range(x, r)
-    # as DynamicQuantizeLinear: the difference in float64, the scale rounded once to float32
-    s = np.float32((np.float64(hi) - np.float64(lo)) / 255.0)
     if s == 0:
-        zp = np.float32(0.0)
         for k in range(Kp):
             out[ru, k] = 0
-    else:
-        zp = min(max(np.rint(-lo / s), np.float32(0.0)), np.float32(255.0))
-        for k in range(K):
-            # a true division (not a multiply by 1/s): bit-identical to the reference
-            q = np.rint(x[ru, k] / s) + zp
-            out[ru, k] = np.uint8(min(max(q, np.float32(0.0)), np.float32(255.0)))
-        for k in range(K, Kp):
-            out[ru, k] = np.uint8(zp)
+        return
+    for k in range(K):
+        # a true division (not a multiply by 1/s): bit-identical to the reference
+        q = np.rint(x[ru, k] / s) + zp
+        out[ru, k] = np.uint8(min(max(q, np.float32(0.0)), np.float32(255.0)))
+    for k in range(K, Kp):
+        out[ru, k] = np.uint8(zp)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _quantize_row(x, r, out, scale, zero_point):
+    lo, hi = _row_range(x, r)
+    s, zp = _scale_zero_point(lo, hi)
+    _quantize_row_with(x, r, out, s, zp)
     scale[r] = s
     zero_point[r] = np.uint8(zp)
 
@@ -362,6 +377,48 @@ def quantize_rows(x, out, scale, zero_point):
     """
     for r in prange(x.shape[0]):
         _quantize_row(x, r, out, scale, zero_point)
+
+
+@njit(nogil=True, error_model="numpy", parallel=True, cache=True)
+def quantize_tensor(x, out, scale, zero_point):
+    """Per-tensor ``DynamicQuantizeLinear``: one scale and zero point for all of ``x`` float32
+    [M, K] (the range of every element, 0 included) -> ``out`` uint8 [M, Kp].
+
+    ``scale`` float32 [M] and ``zero_point`` uint8 [M] get that one value in every row (the
+    form :func:`dense_int8_packed` reads); bit-identical to the reference
+    ``DynamicQuantizeLinear`` of the whole tensor.  ``x`` must be finite.
+    """
+    M = x.shape[0]
+    lo_rows = scale  # scratch until the end: the row minima
+    hi_rows = np.empty(M, np.float32)
+    for r in prange(M):
+        lo, hi = _row_range(x, r)
+        lo_rows[r] = lo
+        hi_rows[r] = hi
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    for r in range(M):
+        lo = min(lo, lo_rows[r])
+        hi = max(hi, hi_rows[r])
+    s, zp = _scale_zero_point(lo, hi)
+    for r in prange(M):
+        _quantize_row_with(x, r, out, s, zp)
+        scale[r] = s
+        zero_point[r] = np.uint8(zp)
+
+
+@njit(nogil=True, error_model="numpy", parallel=True, cache=True)
+def quantize_static(x, out, scale, zero_point, s, zp):
+    """``QuantizeLinear(x, s, zp)`` to uint8 with a fixed float32 scale ``s > 0`` and uint8 zero
+    point ``zp``: ``out = sat_u8(rint(x / s) + zp)``, the division in float32 as the reference does.
+
+    ``scale`` / ``zero_point`` [M] get ``s`` / ``zp`` in every row; padding columns get ``zp``.
+    """
+    zf = np.float32(zp)
+    for r in prange(x.shape[0]):
+        _quantize_row_with(x, r, out, s, zf)
+        scale[r] = s
+        zero_point[r] = zp
 
 
 # --------------------------------------------------------------------------

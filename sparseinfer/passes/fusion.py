@@ -224,10 +224,12 @@ def _fuse_gelu_tanh(graph: Graph, ix: Index, tanh: Node):
 _ACTIVATION_OPS = {"Tanh": "tanh", "Relu": "relu"}
 
 
-def _dense_epilogue(graph: Graph, ix: Index, first: Node, x: str, w: str, bias: str | None):
-    """Grow a Dense from a MatMul/Gemm: absorb a bias Add, an activation, then a residual Add."""
+def dense_epilogue(graph: Graph, ix: Index, first: Node, n: int, bias: str | None = None) -> tuple[Node, str | None, str, str | None]:
+    """What follows a matmul `first` with N = `n` output columns that a Dense epilogue can absorb:
+    a bias Add (unless `first` has a bias), an activation, then a residual Add. Returns (the last
+    node absorbed, bias, activation, residual)."""
     last = first
-    n, rank = graph.const(w).shape[1], graph.info(first.outputs[0]).rank
+    rank = graph.info(first.outputs[0]).rank
     if bias is None:
         add = ix.only_consumer(last.outputs[0], "Add")
         if add is not None and _vector(graph, ix.other(add, last.outputs[0]), n, rank):
@@ -244,6 +246,12 @@ def _dense_epilogue(graph: Graph, ix: Index, first: Node, x: str, w: str, bias: 
         other = ix.other(add, last.outputs[0])
         if graph.const(other) is None and graph.info(other).shape == graph.info(last.outputs[0]).shape:
             last, residual = add, other
+    return last, bias, activation, residual
+
+
+def _dense_epilogue(graph: Graph, ix: Index, first: Node, x: str, w: str, bias: str | None):
+    """Grow a Dense from a MatMul/Gemm: absorb a bias Add, an activation, then a residual Add."""
+    last, bias, activation, residual = dense_epilogue(graph, ix, first, graph.const(w).shape[1], bias)
     inputs = (x, w, _flat(graph, bias) if bias else "", residual or "")
     while inputs and not inputs[-1]:
         inputs = inputs[:-1]
@@ -487,12 +495,19 @@ def narrow_attention_mask(graph: Graph, ctx: PassContext) -> int:
 # ----------------------------------------------------------------------------- QKV projection
 
 
+_PROJECTIONS = {"Dense": (2, 3), "QDense": (5, 6)}  # op → positions of its bias and residual inputs
+
+
+def _input(node: Node, i: int) -> str:
+    return node.inputs[i] if len(node.inputs) > i else ""
+
+
 def _projection(graph: Graph, ix: Index, name: str, attention: Node) -> Node | None:
-    """The Dense computing `name`, if it is a plain linear projection read only by `attention`."""
+    """The Dense (or QDense) computing `name`, if it is a plain linear projection read only by `attention`."""
     p = ix.producer(name)
-    if p is None or p.domain != ENGINE_DOMAIN or p.op != "Dense" or p.attrs.get("activation", "none") != "none":
+    if p is None or p.domain != ENGINE_DOMAIN or p.op not in _PROJECTIONS or p.attrs.get("activation", "none") != "none":
         return None
-    if len(p.inputs) > 3 and p.inputs[3]:  # a residual
+    if _input(p, _PROJECTIONS[p.op][1]):  # a residual
         return None
     users = ix.cons.get(name, [])
     return p if all(u is attention or u == attention for u in users) and name not in graph.outputs else None
@@ -501,7 +516,10 @@ def _projection(graph: Graph, ix: Index, name: str, attention: Node) -> Node | N
 @function_pass("merge_qkv", opt_level=2, requires=("fuse_attention",))
 def merge_qkv(graph: Graph, ctx: PassContext) -> int:
     """Three Dense projections of one input feeding an Attention → one Dense over [Wq | Wk | Wv]
-    (one large matmul instead of three; Attention reads Q, K and V at column offsets)."""
+    (one large matmul instead of three; Attention reads Q, K and V at column offsets). Three
+    QDense of one input quantized the same way (per tensor, or with equal static parameters)
+    merge the same way, exactly: the quantized input is the same, and every column keeps its
+    weight, scale and bias."""
     changed = 0
     for stale in graph.nodes:
         node = graph.current(stale)
@@ -511,22 +529,46 @@ def merge_qkv(graph: Graph, ctx: PassContext) -> int:
         dense = [_projection(graph, ix, name, node) for name in node.inputs[:3]]
         if any(d is None for d in dense) or len({id(d) for d in dense}) != 3 or len({d.inputs[0] for d in dense}) != 1:
             continue
+        op = dense[0].op
+        if any(d.op != op for d in dense) or (op == "QDense" and not _same_input_quantization(graph, dense)):
+            continue
         weights = [graph.const(d.inputs[1]) for d in dense]
-        has_bias = [len(d.inputs) > 2 and bool(d.inputs[2]) for d in dense]
-        if len({w.shape for w in weights}) != 1 or len(set(has_bias)) != 1:
+        b = _PROJECTIONS[op][0]
+        has_bias = [bool(_input(d, b)) for d in dense]
+        if len({w.shape for w in weights}) != 1 or len({w.dtype for w in weights}) != 1 or len(set(has_bias)) != 1:
             continue
         hidden = weights[0].shape[1]
         w = graph.add_constant(graph.fresh_name(f"{dense[0].inputs[1]}_qkv"), np.concatenate(weights, axis=1))
         inputs = (dense[0].inputs[0], w)
+        if op == "QDense":  # per-column weight scales, then the input's quantization (shared)
+            scales = np.concatenate([graph.const(d.inputs[2]).reshape(-1) for d in dense])
+            inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[2]}_qkv"), scales), _input(dense[0], 3), _input(dense[0], 4))
         if has_bias[0]:
-            bias = np.concatenate([graph.const(d.inputs[2]) for d in dense])
-            inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[2]}_qkv"), bias),)
+            bias = np.concatenate([graph.const(d.inputs[b]).reshape(-1) for d in dense])
+            inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[b]}_qkv"), bias),)
+        while not inputs[-1]:
+            inputs = inputs[:-1]
         qkv = graph.fresh_name(f"{dense[0].outputs[0]}_qkv")
         x_info = graph.info(dense[0].inputs[0])
-        fused = Node("Dense", inputs, (qkv,), {"activation": "none"}, name=f"{dense[0].name or 'query'}_qkv", domain=ENGINE_DOMAIN)
+        fused = Node(op, inputs, (qkv,), {"activation": "none"}, name=f"{dense[0].name or 'query'}_qkv", domain=ENGINE_DOMAIN)
         graph.add_node(fused, [TensorInfo(x_info.dtype, tuple(x_info.shape[:-1]) + (3 * hidden,))], index=graph.nodes.index(node))
         attrs = dict(node.attrs, hidden=hidden, q_offset=0, k_offset=hidden, v_offset=2 * hidden)
         graph.replace_node(node, node.replace(inputs=(qkv, qkv, qkv) + node.inputs[3:], attrs=attrs))
         changed += 1
     graph.remove_unused()
     return changed
+
+
+def _same_input_quantization(graph: Graph, nodes: list[Node]) -> bool:
+    """Whether QDense nodes quantize their input the same way: all per tensor at run time, or all
+    with equal static scales and zero points, and have constant per-column weight scales."""
+    if any(graph.const(n.inputs[2]) is None for n in nodes):
+        return False
+    if any(_input(n, i) and graph.const(_input(n, i)) is None for n in nodes for i in (3, 4)):
+        return False
+    params = [tuple(graph.const(_input(n, i)) if _input(n, i) else None for i in (3, 4)) for n in nodes]
+    for p in params[1:]:
+        for a, b in zip(params[0], p):
+            if (a is None) != (b is None) or (a is not None and not (a.dtype == b.dtype and np.array_equal(a, b))):
+                return False
+    return True

@@ -362,7 +362,7 @@ def _save(proto: onnx.ModelProto, out: Path, model: ModelLike) -> None:
         raise ValueError(f"out={str(out)!r} is a directory; pass the path of the .onnx file to write")
     source = _source_file(model)
     if source is not None and out.exists() and os.path.samefile(out, source):
-        raise ValueError(f"out={str(out)!r} is the source model; write the pruned model to another file (the source is never modified)")
+        raise ValueError(f"out={str(out)!r} is the source model; write the new model to another file (the source is never modified)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
     if tensor_bytes <= _INLINE_LIMIT:

@@ -1,5 +1,6 @@
-"""Int8 kernels against NumPy: exact integer accumulation, exact per-row DynamicQuantizeLinear
-(sparseinfer.graph.reference), and the dequantized result against the Dense reference."""
+"""Int8 kernels against NumPy: exact integer accumulation, exact per-row and per-tensor
+DynamicQuantizeLinear and exact static QuantizeLinear (sparseinfer.graph.reference), and the
+dequantized result against the Dense reference."""
 
 import json
 import os
@@ -98,6 +99,55 @@ def test_quantize_dequantize_error_is_at_most_half_a_step(seed, M, K, kind):
     s = scale.astype(np.float64)[:, None]
     err = np.abs(x - (xq[:, :K].astype(np.float64) - zp[:, None]) * s)
     assert (err <= s / 2 * (1 + 1e-6) + np.abs(x) * 2.0**-23).all()
+
+
+def _sentinel_outputs(M, K):
+    return np.full((M, Q.padded_k(K)), 77, np.uint8), np.full(M, np.nan, np.float32), np.full(M, 77, np.uint8)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.integers(0, 20),
+    K=st.integers(0, 90),
+    kind=st.sampled_from(["random", "zero_rows", "positive", "negative", "constant", "ties", "extreme"]),
+)
+@example(seed=1, M=3, K=5, kind="zero_rows")
+def test_quantize_tensor_is_dynamic_quantize_linear_of_the_whole_tensor(seed, M, K, kind):
+    x = _rows(np.random.default_rng(seed), M, K, kind)
+    if kind == "zero_rows" and seed % 2:
+        x[:] = 0.0  # the whole tensor: scale 0
+    xq, scale, zp = _sentinel_outputs(M, K)
+    Q.quantize_tensor(np.ascontiguousarray(x), xq, scale, zp)
+    y, s, z = reference.dynamic_quantize_linear(x)
+    np.testing.assert_array_equal(xq[:, :K], y)
+    assert (scale.view(np.uint32) == np.float32(s).view(np.uint32)).all() and (zp == z).all()
+    assert (xq[:, K:] == z).all()  # padding dequantizes to 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.integers(0, 12),
+    K=st.integers(0, 70),
+    kind=st.sampled_from(["random", "positive", "negative", "ties", "extreme"]),
+    scale=st.sampled_from([1e-3, 0.02, 0.5, 1.0, 3.0]),
+    signed=st.booleans(),
+)
+def test_quantize_static_is_quantize_linear(seed, M, K, kind, scale, signed):
+    # uint8 QuantizeLinear with a fixed scale and zero point; an int8 one (zero point z) is the same
+    # kernel with zero point z + 128: sat_i8(v) + 128 == sat_u8(v + 128)
+    rng = np.random.default_rng(seed)
+    x = _rows(rng, M, K, kind)
+    s = np.float32(scale)
+    z = np.int8(rng.integers(-128, 128)) if signed else np.uint8(rng.integers(0, 256))
+    xq, qs, qz = _sentinel_outputs(M, K)
+    zu = np.uint8(int(z) + 128) if signed else z
+    Q.quantize_static(np.ascontiguousarray(x), xq, qs, qz, s, zu)
+    want = reference.quantize_linear(x, s, np.array(z))
+    got = (xq[:, :K].astype(np.int16) - 128).astype(np.int8) if signed else xq[:, :K]
+    np.testing.assert_array_equal(got, want)
+    assert (qs == s).all() and (qz == zu).all() and (xq[:, K:] == zu).all()
 
 
 # --------------------------------------------------------------------------- weights

@@ -335,9 +335,13 @@ def test_default_pipeline_order():
     """The ordering constraints written beside the pipeline hold, and every `requires` is met by
     a pass listed earlier."""
     names = [p.name for p in default_pipeline()]
-    assert names[0] == "fold_constants" and names[-1] == "eliminate_dead_code"
-    pos = {n: names.index(n) for n in ("fuse_layernorm", "fuse_gelu", "fuse_dense", "fuse_attention")}
+    # the quantized-matmul import comes first: folding would turn DequantizeLinear(weight) into an fp32 weight
+    assert names[:2] == ["import_quantized", "fold_constants"] and names[-1] == "eliminate_dead_code"
+    pos = {
+        n: names.index(n) for n in ("fuse_layernorm", "fuse_gelu", "fuse_dense", "fuse_quantized_epilogue", "fuse_attention", "merge_qkv")
+    }
     assert pos["fuse_layernorm"] < pos["fuse_dense"] and pos["fuse_gelu"] < pos["fuse_dense"] < pos["fuse_attention"]
+    assert pos["fuse_gelu"] < pos["fuse_quantized_epilogue"] < pos["fuse_attention"] < pos["merge_qkv"]
     seen: set[str] = set()
     for p in default_pipeline():
         assert set(p.requires) <= seen, p
