@@ -5,7 +5,9 @@ Enabled by `PassContext(config={"quantize": "int8"})`. A chosen Dense node gets 
 not change (the reference `dense` ignores the attribute, as it ignores `layout`) and the planner
 quantizes and packs the weight for the int8 kernel: symmetric per output channel, with the input
 rows quantized at run time (dynamic, per row, uint8 with a zero point; see
-`sparseinfer.kernels.int8`). LayerNorm, softmax, attention and everything else stay fp32.
+`sparseinfer.kernels.int8`). The Attention nodes get `quantize="int8"` too (their two products
+run in int8, the softmax in fp32; `config["quantize_attention"] = False` keeps them fp32).
+LayerNorm, softmax and everything else stay fp32.
 
 Which Dense layers, `config["quantize_layers"]`:
 
@@ -23,9 +25,16 @@ Which Dense layers, `config["quantize_layers"]`:
 
 `config["quantize_exclude"]`: regular expressions matched the same way; a match stays fp32.
 
-There is no sparse int8 kernel: a node the layout pass chose CSR or BSR for gets `layout="dense"`
-when it is quantized (int8 takes precedence, and the node says how its weight is really stored);
-exclude a weight to keep its sparse fp32 kernel. Run this pass after `choose_sparse_layouts`.
+Sparse weights: the sparse int8 kernel (`sparseinfer.kernels.int8_sparse`) stores a weight as its
+nonzero 4 x 1 blocks (4 consecutive k of one output column, the unit of the int8 dot product) and
+beats the dense int8 kernel below a block density (`INT8_SPARSE_MAX_BLOCK_DENSITY`). A quantized
+node whose weight has at most that fraction of nonzero 4 x 1 blocks (`block_density_4x1`, any
+sparsity pattern: an unstructured weight just has more of them) gets `layout="bsr"`,
+`block=[4, 1]`; any other quantized node gets `layout="dense"`, whatever the layout pass chose for
+fp32 (int8 takes precedence, and the node says how its weight is really stored). Override the
+threshold with `config["quantize_sparse_max_density"]` (0 keeps every quantized weight dense); a
+weight the sparsity config pins to "dense" (or `{"layout": "dense"}` for all) stays dense; exclude
+a weight from int8 to keep its sparse fp32 kernel. Run this pass after `choose_sparse_layouts`.
 """
 
 from __future__ import annotations
@@ -38,9 +47,49 @@ import numpy as np
 from ..graph import Graph, Node
 from ..graph.reference import ENGINE_DOMAIN
 from .manager import PassContext, function_pass
+from .sparsity import SparsityConfig
 
 SCHEMES = ("int8",)
 LAYER_SETS = ("encoder", "all")
+# Highest fraction of nonzero 4 x 1 blocks at which a quantized weight is stored sparse. Measured
+# by benchmarks/sparse_int8_breakeven.py (benchmarks/results/sparse_int8_breakeven.md: BERT-base
+# shapes, M = 128, Zen 5 with VNNI): the sparse int8 kernel beats the dense int8 step (quantize_rows
+# + dense_int8_packed) below 0.59-0.60 of the blocks for a whole layer, 0.56-0.65 per shape, at 1
+# and 2 threads, for 4x1-block and unstructured masks alike (the work is the number of blocks);
+# at M = 1024 (`--m 1024`, 2 threads) below 0.53-0.55, 0.51-0.61 per shape. 0.5 leaves a margin
+# for other shapes and machines: at 0.5 the sparse kernel was 1.0-1.2x faster.
+INT8_SPARSE_MAX_BLOCK_DENSITY = 0.5
+INT8_SPARSE_BLOCK = [4, 1]
+# Whether the attention's two products (Q K^T and softmax V) run in int8 too (the softmax stays
+# fp32; see kernels/attention_int8.py): 2.2-3x faster attention (BERT-base shapes, 2 threads). It
+# did not measurably change the int8 model's accuracy, whose error comes from the Dense layers:
+# BERT-base (random weights, 8 x 128 tokens) max logit error 1.56% of the range with it, 1.73%
+# without; all-MiniLM-L6-v2 embeddings vs fp32 cosine min 0.9986 / mean 0.9990 with it,
+# 0.9985 / 0.9990 without (the 50 texts of sparseinfer.demo).
+QUANTIZE_ATTENTION = True
+
+
+def block_density_4x1(w: np.ndarray) -> float:
+    """Fraction of the 4 x 1 blocks of a [K, N] weight (4 consecutive k of one column; K zero padded
+    to a multiple of 4) that hold a nonzero: the sparse int8 kernel's work relative to dense."""
+    k, n = w.shape
+    if not w.size:
+        return 1.0
+    g = -(-k // 4)
+    nonzero = np.zeros((4 * g, n), bool)
+    nonzero[:k] = w != 0
+    return float(nonzero.reshape(g, 4, n).any(axis=1).mean())
+
+
+def _sparse_limits(ctx: PassContext) -> tuple[float, set[str]]:
+    """The block density below which a quantized weight is stored sparse (0: never), and the
+    weights the sparsity config pins to "dense"."""
+    limit = ctx.config.get("quantize_sparse_max_density", INT8_SPARSE_MAX_BLOCK_DENSITY)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0.0 <= limit <= 1.0:
+        raise ValueError(f"config['quantize_sparse_max_density'] must be a number in [0, 1] (a fraction of 4x1 blocks), got {limit!r}")
+    cfg = SparsityConfig.from_context(ctx)
+    dense = {w for w, pin in cfg.per_weight.items() if (pin if isinstance(pin, str) else pin[0]) == "dense"}
+    return (0.0 if cfg.layout == "dense" else float(limit)), dense
 
 
 def _patterns(value, key: str) -> list[re.Pattern]:
@@ -102,6 +151,26 @@ def encoder_dense(graph: Graph) -> set[str]:
     return dense & seen
 
 
+def chosen_dense(graph: Graph, layers: str | list[re.Pattern], exclude: list[re.Pattern]) -> list[Node]:
+    """The Dense nodes with a quantizable weight that `layers` and `exclude` (as checked by
+    `quantize_settings`) select, in graph order."""
+    encoder = encoder_dense(graph) if layers == "encoder" else None
+    chosen = []
+    for node in graph.nodes:
+        if node.domain != ENGINE_DOMAIN or node.op != "Dense" or not _quantizable(graph, node):
+            continue
+        names = _names(node)
+        if encoder is not None:
+            selected = node.outputs[0] in encoder
+        elif layers == "all":
+            selected = True
+        else:
+            selected = any(p.search(n) for p in layers for n in names)
+        if selected and not any(p.search(n) for p in exclude for n in names):
+            chosen.append(node)
+    return chosen
+
+
 def _quantizable(graph: Graph, node: Node) -> bool:
     w = graph.const(node.inputs[1])
     return w is not None and w.dtype == np.float32 and w.ndim == 2 and bool(np.isfinite(w).all())
@@ -113,25 +182,28 @@ def quantize_dense(graph: Graph, ctx: PassContext) -> int:
     scheme, layers, exclude = quantize_settings(ctx.config)
     if scheme is None:
         return 0
-    encoder = encoder_dense(graph) if layers == "encoder" else None
+    limit, pinned_dense = _sparse_limits(ctx)
     changed = 0
-    for stale in graph.nodes:
-        node = graph.current(stale)
-        if node.domain != ENGINE_DOMAIN or node.op != "Dense" or not _quantizable(graph, node):
-            continue
-        names = _names(node)
-        if encoder is not None:
-            chosen = node.outputs[0] in encoder
-        elif layers == "all":
-            chosen = True
-        else:
-            chosen = any(p.search(n) for p in layers for n in names)
-        if not chosen or any(p.search(n) for p in exclude for n in names):
-            continue
+    for node in chosen_dense(graph, layers, exclude):
         attrs = dict(node.attrs, quantize=scheme)
-        if attrs.get("layout", "dense") != "dense":
+        if limit > 0 and node.inputs[1] not in pinned_dense and block_density_4x1(graph.const(node.inputs[1])) <= limit:
+            attrs.update(layout="bsr", block=list(INT8_SPARSE_BLOCK))
+        elif attrs.get("layout", "dense") != "dense":
             attrs.update(layout="dense", block=[])
         if attrs != node.attrs:
             graph.replace_node(node, node.replace(attrs=attrs))
             changed += 1
+    if _quantize_attention(ctx.config):
+        for stale in graph.nodes:
+            node = graph.current(stale)
+            if node.domain == ENGINE_DOMAIN and node.op == "Attention" and node.attrs.get("quantize") != scheme:
+                graph.replace_node(node, node.replace(attrs=dict(node.attrs, quantize=scheme)))
+                changed += 1
     return changed
+
+
+def _quantize_attention(config: dict) -> bool:
+    value = config.get("quantize_attention", QUANTIZE_ATTENTION)
+    if not isinstance(value, bool):
+        raise ValueError(f"config['quantize_attention'] must be True or False, got {value!r}")
+    return value

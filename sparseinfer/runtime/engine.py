@@ -22,6 +22,7 @@ from ..graph.ir import Shape
 from ..graph.reference import ENGINE_DOMAIN
 from ..graph.shapes import bind_dims
 from ..passes import PassContext, analyze_weight, default_pipeline
+from ..passes.quantize import block_density_4x1
 from .plan import Plan, WeightCache
 
 # Numba's "workqueue" threading layer (used where neither OpenMP nor TBB is available) aborts the
@@ -146,7 +147,8 @@ class Engine:
 
     def describe(self) -> list[dict]:
         """Every Dense weight after optimisation: shape, measured sparsity, the storage chosen
-        for it (layout, block) and the multiply-adds per token it costs, dense and as stored."""
+        for it (layout, block) and the multiply-adds per token it costs, dense and as stored.
+        The int8 matmuls of a quantized model file (QDense) are listed too, as quantize "int8"."""
         if self._plans:
             graph = next(iter(self._plans.values())).graph
         else:  # layouts do not depend on the bound shapes: optimise once with open dims set to 1
@@ -156,7 +158,7 @@ class Engine:
             default_pipeline()(graph, PassContext(opt_level=self.opt_level, config=self.pass_config))
         rows = []
         for node in graph.nodes:
-            if node.op != "Dense" or node.domain != ENGINE_DOMAIN:
+            if node.op not in ("Dense", "QDense") or node.domain != ENGINE_DOMAIN:
                 continue
             w = graph.const(node.inputs[1])
             stats = analyze_weight(w)
@@ -165,6 +167,8 @@ class Engine:
             dense_flops = 2 * w.size
             if layout == "csr":
                 stored = 2 * int(np.count_nonzero(w))
+            elif layout == "bsr" and block not in stats.block_sparsity:  # the sparse int8 4x1 blocks, K zero padded
+                stored = int(round(dense_flops * block_density_4x1(w)))
             elif layout == "bsr":
                 stored = int(round(dense_flops * stats.density("bsr", block)))
             else:
@@ -177,7 +181,7 @@ class Engine:
                     "sparsity": stats.sparsity,
                     "layout": layout,
                     "block": block,
-                    "quantize": node.attrs.get("quantize"),
+                    "quantize": "int8" if node.op == "QDense" else node.attrs.get("quantize"),
                     "flops_per_token": dense_flops,
                     "stored_flops_per_token": stored,
                     "flops_saved": 1.0 - stored / dense_flops,

@@ -20,13 +20,14 @@ from ..graph import Graph, Node
 from ..graph.reference import ENGINE_DOMAIN
 from ..graph.registry import lookup_version
 from ..kernels import attention as k_attention
-from ..kernels import bsr as k_bsr
-from ..kernels import csr as k_csr
+from ..kernels import attention_int8 as k_attention_int8
 from ..kernels import dense as k_dense
 from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
-from ..kernels.sparse_formats import aligned_empty, pack_bsr, pack_csr
+from ..kernels.sparse_formats import aligned_empty
 from .int8_lowering import lower_dense_int8
+from .quant_lowering import lower_integer_matmul, lower_qdense
+from .sparse_lowering import find_chains, lower_sparse_dense
 
 _DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH, "relu": k_dense.ACT_RELU}
 
@@ -37,6 +38,7 @@ class Step:
     kind: str  # "kernel" or "reference"
     fn: Callable  # fn(env, arena) -> None: reads inputs from env, writes outputs into env
     flops: int = 0
+    buffer: bool = True  # a kernel step's output gets an arena buffer (not when chained: sparse_lowering)
 
 
 @dataclass
@@ -54,13 +56,14 @@ class BufferPlan:
 class Plan:
     """A graph compiled for one set of input shapes."""
 
-    def __init__(self, graph: Graph, weights: WeightCache | None = None) -> None:
+    def __init__(self, graph: Graph, weights: WeightCache | None = None, chain_sparse: bool = True) -> None:
         for name, v in graph.values.items():
             if not v.is_const and not v.info.is_static:
                 raise ValueError(f"cannot plan {graph.name!r}: value {name!r} has no static shape ({v.info}); bind the input shapes first")
         self.graph = graph
         self.weights = weights or WeightCache()
         self.workspaces: dict[str, tuple[int, ...]] = {}  # per-arena float32 scratch arrays kernels ask for
+        self.sparse_chains = find_chains(graph) if chain_sparse else {}  # sparse Dense pairs sharing a workspace
         self.steps = [self._lower(n) for n in graph.nodes]
         self.buffers = self._plan_buffers()
         self._consts = {n: v.const for n, v in graph.values.items() if v.is_const}
@@ -73,6 +76,10 @@ class Plan:
             step = lower_dense_int8(self, node) if node.attrs.get("quantize") == "int8" else None
             if step is None:
                 step = self._lower_dense(node)
+        elif node.domain == ENGINE_DOMAIN and node.op == "QDense":
+            step = lower_qdense(self, node)
+        elif node.domain == "" and node.op in ("MatMulInteger", "QLinearMatMul"):  # integer inputs: not the float32 check below
+            return lower_integer_matmul(self, node) or self._reference(node)
         elif node.domain == ENGINE_DOMAIN and node.op == "Attention":
             step = self._lower_attention(node)
         elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):
@@ -124,26 +131,7 @@ class Plan:
 
     def _lower_sparse_dense(self, node: Node, layout: str, ops: DenseOperands) -> Step:
         """A Dense whose weight the layout pass chose to store as CSR or r x c blocks."""
-        m, k, n, weight = ops.m, ops.k, ops.n, ops.weight
-        if layout == "csr":
-            packed = self.weights.get(("csr", ops.w), lambda: pack_csr(weight))
-            kernel = k_csr.csr_kernel(m)
-            scratch = k_csr.make_workspace(m, k)
-        else:
-            block = tuple(node.attrs["block"])
-            packed = self.weights.get(("bsr", ops.w, block), lambda: pack_bsr(weight, block))
-            kernel = k_bsr.bsr_kernel(block, m)
-            scratch = k_bsr.make_workspace(m, k, n, block)
-        # steps run one after another and the scratch does not outlive a step: share it per shape
-        ws = [f"Sparse__ws{i}__{'x'.join(map(str, a.shape))}" for i, a in enumerate(scratch)]
-        self.workspaces.update((name, a.shape) for name, a in zip(ws, scratch))
-        indptr, indices, data = packed
-
-        def call(env, out, arena):
-            res = None if ops.residual is None else _rows(env[ops.residual])
-            kernel(_rows(env[ops.x]), indptr, indices, data, ops.bias, res, _out_rows(out), ops.act, arena[ws[0]], arena[ws[1]])
-
-        return self._kernel(node, call, flops=2 * m * int(np.count_nonzero(weight)))
+        return lower_sparse_dense(self, node, layout, ops)
 
     def _lower_layernorm(self, node: Node) -> Step:
         g = self.graph
@@ -178,23 +166,28 @@ class Plan:
             if len(ms) != 4 or ms[1] != 1 or ms[2] != 1 or ms[0] not in (1, b) or ms[3] not in (1, s):
                 return None  # a mask varying per query row (or head): the reference handles it
         scale = np.float32(node.attrs["scale"])
+        int8 = node.attrs.get("quantize") == "int8"  # the int8 kernel (kernels/attention_int8.py)
+        kmod = k_attention_int8 if int8 else k_attention
         nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
-        shapes = k_attention.workspace_shapes(s, d, nth)
+        shapes = kmod.workspace_shapes(s, d, nth)
         # one set of scratch arrays per arena for every Attention step of this shape: steps of a
         # run execute one after another and nothing in the workspace outlives its step, so the
         # layers share it (BERT-base: 256 KiB per arena instead of 3 MiB; same speed)
-        ws_names = [f"Attention__ws{i}__{'x'.join(map(str, shape))}" for i, shape in enumerate(shapes)]
+        tag = "Attention_int8" if int8 else "Attention"
+        ws_names = [f"{tag}__ws{i}__{'x'.join(map(str, shape))}" for i, shape in enumerate(shapes)]
         self.workspaces.update(zip(ws_names, shapes))
 
         def call(env, out, arena):
             m = None
             if mask is not None:
                 m = np.ascontiguousarray(np.broadcast_to(env[mask].reshape(ms[0], ms[3]), (b, s)), np.float32)
-            kt, vp, pw = (arena[n] for n in ws_names)
-            threads = max(1, min(k_attention.numba.get_num_threads(), kt.shape[0], b * h))
-            k_attention.attention_packed(
-                _rows(env[q]), _rows(env[k]), _rows(env[v]), *cols, m, b, s, h, d, scale, _out_rows(out), kt, vp, pw, threads
-            )
+            wss = [arena[n] for n in ws_names]
+            threads = max(1, min(k_attention.numba.get_num_threads(), wss[0].shape[0], b * h))
+            x = (_rows(env[q]), _rows(env[k]), _rows(env[v]), *cols, m, b, s, h, d, scale, _out_rows(out))
+            if int8:
+                k_attention_int8.attention_int8_packed(*x, wss[0], threads)
+            else:
+                k_attention.attention_packed(*x, *wss, threads)
 
         flops = 4 * b * h * s * s * d
         return self._kernel(node, call, flops)
@@ -234,7 +227,7 @@ class Plan:
         free: list[int] = []
         releases: dict[int, list[str]] = {}
         for i, st in enumerate(self.steps):
-            if st.kind == "kernel":
+            if st.kind == "kernel" and st.buffer:
                 out = st.node.outputs[0]
                 info = g.info(out)
                 need = int(np.prod(info.shape)) * info.dtype.itemsize
@@ -258,7 +251,7 @@ class Plan:
 
     def _new_arena(self) -> dict[str, np.ndarray]:
         g = self.graph
-        slots = [np.empty(n, np.uint8) for n in self.buffers.slot_bytes]
+        slots = [aligned_empty(n, np.uint8) for n in self.buffers.slot_bytes]  # 64-byte aligned, as the workspaces
         arena = {}
         for name, slot in self.buffers.slot_of.items():
             info = g.info(name)

@@ -11,7 +11,7 @@ from sparseinfer.graph import Graph, Node, TensorInfo, import_onnx, run_graph
 from sparseinfer.graph.reference import ENGINE_DOMAIN
 from sparseinfer.graph.shapes import bind_dims
 from sparseinfer.passes import PassContext, PassError, default_pipeline
-from sparseinfer.passes.quantize import encoder_dense, quantize_dense
+from sparseinfer.passes.quantize import INT8_SPARSE_MAX_BLOCK_DENSITY, block_density_4x1, encoder_dense, quantize_dense
 from tests.conftest import FIXTURES, make_inputs, manifest_entry
 from tests.passes.builders import structure
 
@@ -114,9 +114,9 @@ def test_off_unless_asked(config):
     assert not any("quantize" in n.attrs for n in after.nodes)
 
 
-def test_a_quantized_weight_is_stored_dense():
-    # the layout pass forced to CSR for every weight; int8 has no sparse kernel, so a quantized
-    # node says dense, and an excluded one keeps its sparse fp32 layout
+def test_a_quantized_dense_weight_is_stored_dense():
+    # the layout pass forced to CSR for every weight; these weights have no all-zero 4x1 block, so
+    # a quantized node says dense (int8 decides), and an excluded one keeps its sparse fp32 layout
     _, after, _ = quantized(quantize="int8", sparsity={"layout": "csr"}, quantize_exclude=[r"layer\.0\.output"])
     for n in dense(after):
         if n.attrs.get("quantize") == "int8":
@@ -166,9 +166,100 @@ def test_requires_fuse_dense():
         ),
         ({"quantize": "int8", "quantize_layers": ["ok", "(unclosed"]}, r"'\(unclosed' is not a valid regular expression"),
         ({"quantize": "int8", "quantize_exclude": "pooler"}, r"config\['quantize_exclude'\] must be a list of regular expressions"),
+        ({"quantize": "int8", "quantize_sparse_max_density": 2}, r"quantize_sparse_max_density'\] must be a number in \[0, 1\].*got 2"),
+        ({"quantize": "int8", "quantize_attention": "yes"}, r"config\['quantize_attention'\] must be True or False, got 'yes'"),
     ],
 )
 def test_bad_settings_are_clear_errors(config, message):
     graph = import_onnx(FIXTURES / SEQ_CLS)
     with pytest.raises(ValueError, match=message):
         quantize_dense.run(graph, PassContext(config=config, ran=["fuse_dense"]))
+
+
+def attention_marks(graph: Graph) -> list:
+    return [n.attrs.get("quantize") for n in graph.nodes if n.domain == ENGINE_DOMAIN and n.op == "Attention"]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [({}, "int8"), ({"quantize_attention": True}, "int8"), ({"quantize_attention": False}, None)])
+def test_attention_runs_in_int8_unless_turned_off(setting, expected):
+    before, after, feeds = quantized(quantize="int8", **setting)
+    assert attention_marks(before) == [None, None]
+    assert attention_marks(after) == [expected, expected]
+    for x, y in zip(run_graph(before, feeds), run_graph(after, feeds)):  # the reference ignores the mark
+        np.testing.assert_array_equal(x, y)
+
+
+def test_attention_stays_fp32_without_int8():
+    _, after, _ = quantized(quantize_attention=True)
+    assert attention_marks(after) == [None, None]
+
+
+# ----------------------------------------------------------------------------- sparse int8 weights
+
+
+def sparse_weights(K: int = 37, N: int = 24) -> dict[str, np.ndarray]:
+    """Weights [K, N] (K not a multiple of 4) with known fractions of nonzero 4x1 blocks."""
+    rng = np.random.default_rng(7)
+    w = rng.uniform(-1, 1, (K, N)).astype(np.float32)
+    g = -(-K // 4)
+    blocks = np.zeros((g, N), bool)
+    blocks.flat[rng.choice(g * N, round(0.1 * g * N), replace=False)] = True
+    structured = w * np.repeat(blocks, 4, axis=0)[:K]
+    unstructured = w * (rng.random((K, N)) < 0.04)  # 12% of the 4x1 blocks nonzero
+    return {"w_4x1": structured, "w_unstructured": unstructured, "w_dense": w}
+
+
+def sparse_graph(weights: dict[str, np.ndarray]) -> Graph:
+    g = Graph("sparse-weights")
+    K, N = next(iter(weights.values())).shape
+    g.add_input("x", TensorInfo(np.float32, (5, K)))
+    for name, w in weights.items():
+        g.add_constant(name, w)
+        g.add_node(
+            Node("Dense", ("x", name), (f"y_{name}",), {"activation": "none"}, domain=ENGINE_DOMAIN), [TensorInfo(np.float32, (5, N))]
+        )
+        g.add_output(f"y_{name}")
+    return g
+
+
+def layouts(graph: Graph) -> dict[str, tuple[str, list]]:
+    return {n.inputs[1]: (n.attrs.get("layout", "dense"), n.attrs.get("block", [])) for n in dense(graph)}
+
+
+def test_block_density_4x1_pads_k():
+    w = np.zeros((10, 3), np.float32)  # blocks of k 0-3, 4-7, 8-9 (+ 2 padding rows)
+    w[9, 0] = 1.0
+    w[[0, 3], 1] = 1.0
+    assert block_density_4x1(w) == 2 / 9
+    assert block_density_4x1(sparse_weights()["w_4x1"]) == pytest.approx(0.1, abs=0.01)
+    assert block_density_4x1(np.zeros((0, 4), np.float32)) == 1.0
+
+
+def test_a_sparse_quantized_weight_is_stored_in_4x1_blocks():
+    weights = sparse_weights()
+    assert block_density_4x1(weights["w_unstructured"]) < INT8_SPARSE_MAX_BLOCK_DENSITY < block_density_4x1(weights["w_dense"])
+    g = sparse_graph(weights)
+    before = g.copy()
+    assert quantize_dense.run(g, PassContext(config={"quantize": "int8", "quantize_layers": "all"}, ran=["fuse_dense"])) == 3
+    assert layouts(g) == {"w_4x1": ("bsr", [4, 1]), "w_unstructured": ("bsr", [4, 1]), "w_dense": ("dense", [])}
+    assert all(n.attrs["quantize"] == "int8" for n in dense(g))
+    feeds = {"x": np.random.default_rng(0).uniform(-1, 1, (5, 37)).astype(np.float32)}
+    for a, b in zip(run_graph(before, feeds), run_graph(g, feeds)):  # the reference ignores layout and quantize
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"quantize_sparse_max_density": 0}, {"w_4x1": "dense", "w_unstructured": "dense", "w_dense": "dense"}),
+        ({"quantize_sparse_max_density": 1.0}, {"w_4x1": "bsr", "w_unstructured": "bsr", "w_dense": "bsr"}),
+        ({"quantize_sparse_max_density": 0.11}, {"w_4x1": "bsr", "w_unstructured": "dense", "w_dense": "dense"}),
+        ({"sparsity": {"layout": "dense"}}, {"w_4x1": "dense", "w_unstructured": "dense", "w_dense": "dense"}),
+        ({"sparsity": {"per_weight": {"w_4x1": "dense"}}}, {"w_4x1": "dense", "w_unstructured": "bsr", "w_dense": "dense"}),
+        ({"sparsity": {"layout": "csr"}}, {"w_4x1": "bsr", "w_unstructured": "bsr", "w_dense": "dense"}),
+    ],
+)
+def test_sparse_int8_settings(config, expected):
+    g = sparse_graph(sparse_weights())
+    quantize_dense.run(g, PassContext(config={"quantize": "int8", "quantize_layers": "all", **config}, ran=["fuse_dense"]))
+    assert {w: layout for w, (layout, _) in layouts(g).items()} == expected

@@ -39,7 +39,7 @@ def int8_plan(graph: Graph) -> tuple[Plan, int]:
     plan = Plan(graph)
     count = 0
     for i, step in enumerate(plan.steps):
-        if step.node.attrs.get("quantize") == "int8":
+        if step.node.op == "Dense" and step.node.attrs.get("quantize") == "int8":
             int8_step = lower_dense_int8(plan, step.node)
             assert int8_step is not None, f"no int8 lowering for {step.node}"
             plan.steps[i] = int8_step
@@ -90,7 +90,7 @@ def check_int8_steps_layer_by_layer(plan: Plan, feeds: dict) -> int:
         node = step.node
         inputs = {i: np.array(env[i]) for i in node.inputs if i}  # copies: a buffer may be reused
         step.fn(env, arena)
-        if node.attrs.get("quantize") != "int8":
+        if node.op != "Dense" or node.attrs.get("quantize") != "int8":
             continue
         out = env[node.outputs[0]]
         ref, bound = dequantized_dense(node, plan.graph, inputs)
@@ -203,6 +203,10 @@ def onnxruntime_outputs(path: str) -> list[np.ndarray]:
     return ort.InferenceSession(str(FIXTURES / path), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+def onnxruntime_outputs_for(path: str, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(str(FIXTURES / path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
 def worst_diff_of_range(ours: list[np.ndarray], theirs: list[np.ndarray]) -> list[float]:
     """Per output: max |ours - theirs| / (max(theirs) - min(theirs))."""
     return [float(np.abs(a.astype(np.float64) - b).max() / (b.max() - b.min())) for a, b in zip(ours, theirs)]
@@ -221,10 +225,6 @@ def test_int8_model_stays_close_to_fp32_onnxruntime(path, layers):
     assert min(ratios) > 0, f"{path}: int8 outputs equal fp32 ones ({report}); the int8 steps did not run"
 
 
-ENGINE_WIRED = "quantize_int8" in [p.name for p in default_pipeline()]
-
-
-@pytest.mark.skipif(not ENGINE_WIRED, reason="the default pipeline does not run quantize_int8 yet")
 def test_engine_with_quantize_int8_runs_the_int8_steps():
     path = "roberta-token-classification/model.onnx"
     _, plan, _, feeds = compiled(path)
@@ -232,13 +232,21 @@ def test_engine_with_quantize_int8_runs_the_int8_steps():
     np.testing.assert_array_equal(engine.run(feeds)[0], plan.run(feeds)[0])  # the same kernels in the same order
     # a second shape gets its own plan, sharing the packed weights
     short = make_inputs(manifest_entry(path), 1, 5)
-    ratios = worst_diff_of_range(
-        engine.run(short), ort.InferenceSession(str(FIXTURES / path), providers=["CPUExecutionProvider"]).run(None, short)
-    )
+    ratios = worst_diff_of_range(engine.run(short), onnxruntime_outputs_for(path, short))
     assert max(ratios) <= INT8_MODEL_MAX_DIFF_OF_RANGE, ratios
     plans = list(engine._plans.values())
-    w = next(n.inputs[1] for n in plans[0].graph.nodes if n.attrs.get("quantize") == "int8")
+    w = next(n.inputs[1] for n in plans[0].graph.nodes if n.op == "Dense" and n.attrs.get("quantize") == "int8")
     assert packed_int8(plans[0], w) is packed_int8(plans[1], w)
+    # the attention's products run in int8 too (its own kernel and workspace), unless turned off
+    for p in plans:
+        att = [st for st in p.steps if st.node.op == "Attention"]
+        assert att and all(st.kind == "kernel" and st.node.attrs.get("quantize") == "int8" for st in att)
+        assert any(name.startswith("Attention_int8__") for name in p.workspaces)
+    fp32_attention = Engine(FIXTURES / path, pass_config={"quantize": "int8", "quantize_attention": False})
+    ratios = worst_diff_of_range(fp32_attention.run(short), onnxruntime_outputs_for(path, short))
+    assert max(ratios) <= INT8_MODEL_MAX_DIFF_OF_RANGE, ratios
+    plan = next(iter(fp32_attention._plans.values()))
+    assert not any(name.startswith("Attention_int8__") for name in plan.workspaces)
 
 
 # ----------------------------------------------------------------------------- a real checkpoint
