@@ -1,4 +1,4 @@
-"""`make demo`: semantic search with all-MiniLM-L6-v2, dense against pruned (and int8), on this machine.
+"""`make demo`: semantic search with all-MiniLM-L6-v2, dense against pruned, int8 and pruned + int8, on this machine.
 
 Forty sentences on ten topics are the corpus; ten questions, each written to have one obvious
 answer among them without sharing its words, are the queries. Every variant of the model embeds
@@ -133,6 +133,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pruned 70% unstructured", 0.7),
     Variant("pruned 90% in 1x4 blocks", 0.9, (1, 4)),
     Variant("int8 quantized", quantize="int8"),
+    Variant("pruned 90% in 4x1 blocks + int8", 0.9, (4, 1), "int8"),
 )
 ORACLE = VARIANTS[0]
 
@@ -200,12 +201,13 @@ def build_pipelines(variant: Variant, base_dir: Path, num_threads: int | None = 
 
 
 def layout_summary(engine) -> str:
-    """How the engine stores its Dense weights, e.g. "csr 24", "dense 16, bsr 1x4 8" or "int8 24"."""
+    """How the engine stores its Dense weights, e.g. "csr 24", "dense 16, bsr 1x4 8", "int8 24" or "bsr 4x1 int8 24"."""
 
     def label(row: dict) -> str:
+        text = row["layout"] + (f" {row['block'][0]}x{row['block'][1]}" if row["block"] else "")
         if row.get("quantize"):
-            return str(row["quantize"])
-        return row["layout"] + (f" {row['block'][0]}x{row['block'][1]}" if row["block"] else "")
+            text = str(row["quantize"]) if text == "dense" else f"{text} {row['quantize']}"
+        return text
 
     counts = Counter(label(r) for r in engine.describe())
     return ", ".join(f"{k} {v}" for k, v in counts.most_common())
@@ -340,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numba
 
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
-    print(f"sparseinfer {__version__}: semantic search with all-MiniLM-L6-v2 (sentence-transformers), dense vs pruned vs int8")
+    print(f"sparseinfer {__version__}: semantic search with all-MiniLM-L6-v2 (sentence-transformers), dense vs pruned vs int8 vs both")
     print(
         f"  {len(corpus)} sentences, {len(queries)} queries; batch 1, sequence bucket {SEQUENCE_LENGTH}; {threads} thread(s) of {os.cpu_count()} CPUs"
     )

@@ -79,3 +79,4 @@ def test_quick_demo_scores_every_variant_against_the_dense_model(monkeypatch, ca
     assert pruned and all(r.cosine < 0.99 for r in pruned.values())
     assert "csr" in pruned["pruned 70% unstructured"].layouts
     assert "bsr 1x4" in pruned["pruned 90% in 1x4 blocks"].layouts
+    assert "bsr 4x1 int8" in pruned["pruned 90% in 4x1 blocks + int8"].layouts  # the sparse int8 kernel
