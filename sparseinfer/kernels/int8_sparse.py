@@ -116,7 +116,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from sparseinfer.kernels.csr import _MASKS, NB, lanes_for, transpose16
+from sparseinfer.kernels.csr import NB, lanes_for, transpose16, transpose16_add
 from sparseinfer.kernels.dense import ACT_GELU, ACT_GELU_EXACT, ACT_NONE, ACT_RELU, ACT_TANH, _activate, gelu_f32
 from sparseinfer.kernels.int8 import (
     _V,
@@ -329,42 +329,6 @@ def _vaddf(typingctx, v, b):
     return i32x16(v, b), codegen
 
 
-@intrinsic
-def _transpose16_add(typingctx, src, sstride, dst, dstride, res, rstride):
-    """``dst[j * dstride + i] = src[i * sstride + j] + res[j * rstride + i]`` for a 16 x 16 float32
-    block (byte addresses, strides in elements): :func:`~sparseinfer.kernels.csr.transpose16`
-    with the residual added to each transposed row before it is stored."""
-    if not all(isinstance(t, types.Integer) for t in (src, sstride, dst, dstride, res, rstride)):
-        return None
-    sig = types.void(types.uintp, types.intp, types.uintp, types.intp, types.uintp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        s, ss, d, ds, r, rs = args
-        i64 = ir.IntType(64)
-        vp = _F.as_pointer()
-        four = ir.Constant(i64, 4)
-        rows = []
-        for i in range(16):
-            addr = builder.add(s, builder.mul(builder.mul(ss, four), ir.Constant(i64, i)))
-            rows.append(builder.load(builder.inttoptr(addr, vp), align=4))
-        for b, lo, hi in _MASKS:
-            mlo = ir.Constant(ir.VectorType(ir.IntType(32), 16), lo)
-            mhi = ir.Constant(ir.VectorType(ir.IntType(32), 16), hi)
-            for i in range(16):
-                if not i & b:
-                    x, y = rows[i], rows[i + b]
-                    rows[i] = builder.shuffle_vector(x, y, mlo)
-                    rows[i + b] = builder.shuffle_vector(x, y, mhi)
-        for i in range(16):
-            raddr = builder.add(r, builder.mul(builder.mul(rs, four), ir.Constant(i64, i)))
-            v = builder.fadd(rows[i], builder.load(builder.inttoptr(raddr, vp), align=4))
-            addr = builder.add(d, builder.mul(builder.mul(ds, four), ir.Constant(i64, i)))
-            builder.store(v, builder.inttoptr(addr, vp), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @njit(nogil=True, error_model="numpy", cache=True)
 def _activate_column(ot, slot, t, rows, act):
     """The activation on one finished column of the slot (float32), in place."""
@@ -399,7 +363,7 @@ def _store_columns(ot, slot, out, m0, rows, n0, nc, residual):
             if residual is None:
                 transpose16(s, T, d, N)
             else:
-                _transpose16_add(s, T, d, N, residual.ctypes.data + np.uint64(4 * ((m0 + i0) * N + n0 + j0)), N)
+                transpose16_add(s, T, d, N, residual.ctypes.data + np.uint64(4 * ((m0 + i0) * N + n0 + j0)), N)
     cu = np.uint64(n0)
     for i in range(rows):
         r = m0 + i
