@@ -56,6 +56,17 @@ def packed_sparse_int8(plan: Plan, name: str) -> tuple[tuple[np.ndarray, np.ndar
     return plan.weights.get(("int8_4x1", name), make)
 
 
+def activation_scratch(plan: Plan, m: int, k: int) -> tuple[str, str, str]:
+    """Names of the per-arena scratch for `m` quantized rows of `k` values (uint8 [m, Kp] as
+    float32 [m, Kp / 4]), their scales (float32 [m]) and zero points (uint8 [m] in float32
+    [ceil(m / 4)]), declared in the plan's workspaces. Every int8 step of the same shape (Dense,
+    sparse, QDense) shares them: steps run one after another and the scratch does not outlive one."""
+    kp = k_int8.padded_k(k)
+    names = f"Dense_int8__xq__{m}x{kp}", f"Dense_int8__scale__{m}", f"Dense_int8__zp__{m}"
+    plan.workspaces.update({names[0]: (m, kp // 4), names[1]: (m,), names[2]: ((m + 3) // 4,)})
+    return names
+
+
 def _sparse_int8(node: Node) -> bool:
     return node.attrs.get("layout") == "bsr" and [int(b) for b in node.attrs.get("block") or ()] == [4, 1]
 
@@ -77,9 +88,7 @@ def lower_dense_int8(plan: Plan, node: Node) -> Step | None:
         return None
     packed, w_scale, colsum = quantized
     x, residual, b, act, m, k, n = ops.x, ops.residual, ops.bias, ops.act, ops.m, ops.k, ops.n
-    kp = k_int8.padded_k(k)
-    xq_ws, scale_ws, zp_ws = f"Dense_int8__xq__{m}x{kp}", f"Dense_int8__scale__{m}", f"Dense_int8__zp__{m}"
-    plan.workspaces.update({xq_ws: (m, kp // 4), scale_ws: (m,), zp_ws: ((m + 3) // 4,)})
+    xq_ws, scale_ws, zp_ws = activation_scratch(plan, m, k)
 
     def call(env, out, arena):
         xq = arena[xq_ws].view(np.uint8)
@@ -102,10 +111,9 @@ def _lower_sparse(plan: Plan, node: Node, ops: DenseOperands) -> Step | None:
     (indptr, indices, data), w_scale, colsum = quantized
     x, residual, b, act, m, k, n = ops.x, ops.residual, ops.bias, ops.act, ops.m, ops.k, ops.n
     shapes = k_int8_sparse.workspace_shapes(m, k)
-    kp = k_int8.padded_k(k)
-    names = {"xq": f"Dense_int8__xq__{m}x{kp}", "x_scale": f"Dense_int8__scale__{m}", "x_zp": f"Dense_int8__zp__{m}"}
+    names = dict(zip(("xq", "x_scale", "x_zp"), activation_scratch(plan, m, k)))
     names.update({a: f"Sparse_int8__{a}__{'x'.join(map(str, shapes[a]))}" for a in ("xt", "xs", "ot")})
-    plan.workspaces.update({names[a]: shapes[a] for a in names})
+    plan.workspaces.update({names[a]: shapes[a] for a in ("xt", "xs", "ot")})
     kernel = k_int8_sparse.sparse_int8_kernel(m)
 
     def call(env, out, arena):

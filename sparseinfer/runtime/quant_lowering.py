@@ -23,6 +23,7 @@ from ..graph import Node
 from ..graph.reference import requantize
 from ..kernels import dense as k_dense
 from ..kernels import int8 as k_int8
+from .int8_lowering import activation_scratch
 
 if TYPE_CHECKING:
     from .plan import Plan, Step
@@ -31,14 +32,6 @@ if TYPE_CHECKING:
 def _packed(plan: Plan, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`(packed, colsum)` of the constant int8 [K, N] weight `name`, made once per engine."""
     return plan.weights.get(("int8-file", name), lambda: k_int8.pack_quantized(w))
-
-
-def _scratch(plan: Plan, m: int, kp: int) -> tuple[str, str, str]:
-    """The per-arena scratch for the quantized activations (uint8 [m, kp] as float32 [m, kp / 4]),
-    their scales and zero points; steps run one after another, so all steps of a shape share it."""
-    names = f"QDense__xq__{m}x{kp}", f"QDense__scale__{m}", f"QDense__zp__{m}"
-    plan.workspaces.update({names[0]: (m, kp // 4), names[1]: (m,), names[2]: ((m + 3) // 4,)})
-    return names
 
 
 def _int8_weight(plan: Plan, name: str) -> np.ndarray | None:
@@ -87,7 +80,7 @@ def lower_qdense(plan: Plan, node: Node) -> Step | None:
         return None
     packed, colsum = _packed(plan, wq, w)
     m = int(np.prod(g.info(x).shape[:-1]))
-    xq_ws, scale_ws, zp_ws = _scratch(plan, m, k_int8.padded_k(k))
+    xq_ws, scale_ws, zp_ws = activation_scratch(plan, m, k)
 
     def call(env, out, arena):
         xq = arena[xq_ws].view(np.uint8)
@@ -132,7 +125,7 @@ def lower_integer_matmul(plan: Plan, node: Node) -> Step | None:
     zp = np.uint8(int(zero.reshape(())) + (128 if signed else 0))
     packed, colsum = _packed(plan, b, w)
     m = int(np.prod(info.shape[:-1]))
-    xq_ws, _, zp_ws = _scratch(plan, m, k_int8.padded_k(k))
+    xq_ws, _, zp_ws = activation_scratch(plan, m, k)
     acc_ws = None
     if scales is not None:
         acc_ws = f"QLinearMatMul__acc__{m}x{n}"
