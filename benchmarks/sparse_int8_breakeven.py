@@ -98,7 +98,27 @@ def sparse_int8_step(X, W, lanes=None, kb=None):
     xq, xs, xz, xt, xsc, ot = (ws[k] for k in ("xq", "x_scale", "x_zp", "xt", "xs", "ot"))
 
     def call():
-        kernel(X, indptr, indices, data, w_scale, colsum, None, None, out, D.ACT_NONE, xq, xs, xz, xt, xsc, ot)
+        kernel(
+            X,
+            indptr,
+            indices,
+            data,
+            w_scale,
+            colsum,
+            None,
+            None,
+            out,
+            D.ACT_NONE,
+            xq,
+            xs,
+            xz,
+            xt,
+            xsc,
+            ot,
+            S.NO_CHAIN,
+            S.NO_RANGE,
+            S.CHAIN_NONE,
+        )
 
     return call, out
 

@@ -56,6 +56,20 @@ task's columns are done they are transposed 16 x 16 in registers into
 is the dense int8 kernel's, bit for bit (the tests check equality), and
 ``out`` may be ``residual`` itself.
 
+Chaining (``mode``, :func:`quantized_sparse_chain`): when a call's result
+is read only by another such call (BERT's FF1 -> FF2), the first writes its
+finished columns, activation applied, to a workspace ``chain [chunk, N, L]``
+(a column of the result is a row of the next call's ``X.T``: no transpose)
+and keeps, per parallel part, the range of every row over its columns as
+order-preserving int32 keys (``crange``).  The second combines the parts'
+ranges into each row's scale and zero point and quantizes straight from
+``chain`` into ``xt``: 4 consecutive rows of ``chain`` are the 4 bytes of a
+group, so no relayout either.  Same values, same division and rounding: the
+result equals two separate calls bit for bit.  What it saves is the
+first call's transposed stores into ``out`` (for N = 3072 the costly,
+set-conflicting ones above) and the second call's row-major read, row
+quantization and relayout.
+
 Without AVX512-VNNI ``_dpbusd`` is the exact ``pmaddwd`` emulation of the
 dense int8 module, chosen when the kernel is compiled.
 
@@ -125,7 +139,10 @@ from sparseinfer.kernels.int8 import (
     KG,
     MAX_K,
     _dpbusd,
+    _f32_from_bits,
+    _ordered,
     _quantize_row,
+    _scale_zero_point,
     _vbcast,
     _vload,
     _vstore,
@@ -149,6 +166,13 @@ __all__ = [
     "sparse_dense_int8",
     "sparse_matmul_int8",
     "quantized_sparse_dense",
+    "quantized_sparse_chain",
+    "chain_workspace_shapes",
+    "CHAIN_NONE",
+    "CHAIN_WRITE",
+    "CHAIN_READ",
+    "NO_CHAIN",
+    "NO_RANGE",
 ]
 
 FG = 16  # output columns per unit of work (the width of a 16 x 16 transposed block)
@@ -252,6 +276,17 @@ def workspace_shapes(M: int, K: int, lanes: int | None = None) -> dict[str, tupl
         "xs": (nch, 2, L),
         "ot": (numba.config.NUMBA_NUM_THREADS, NB, L),
     }
+
+
+def chain_workspace_shapes(M: int, N: int, lanes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of the float32 arrays linking a call that writes its ``[M, N]`` result to the next
+    call that reads it (``CHAIN_WRITE`` / ``CHAIN_READ``, :func:`sparse_int8_kernel`): ``chain
+    [nchunk, N, L]`` (the result transposed per row chunk) and ``crange [threads, nchunk, 2, L]``
+    (each parallel part's range of every row, as int32 keys)."""
+    M, N = int(M), int(N)
+    L = lanes_for(M) if lanes is None else int(lanes)
+    nch = max(1, -(-M // L))
+    return {"chain": (nch, max(1, N), L), "crange": (numba.config.NUMBA_NUM_THREADS, nch, 2, L)}
 
 
 def make_workspace(M: int, K: int, lanes: int | None = None) -> dict[str, np.ndarray]:
@@ -379,6 +414,88 @@ def _store_columns(ot, slot, out, m0, rows, n0, nc, residual):
 # --------------------------------------------------------------------------
 
 
+CHAIN_NONE, CHAIN_WRITE, CHAIN_READ = 0, 1, 2  # the kernel's chain modes (sparse_int8_kernel)
+CG = 64  # groups of 4 k per task when a chained input is quantized
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _chain_store(ot, slot, chain, crange, ch, j0, nj):
+    """Chained result: ``chain[ch, j0 + j, :] = ot[slot, j, :]`` (the task's finished columns are
+    the next call's rows of ``X.T``), and the range of each lane (a row of the result) over them
+    kept in ``crange[slot, ch]`` as the order-preserving int32 keys of :func:`_row_range`
+    (lower bound in ``[.., 0, :]``, upper in ``[.., 1, :]``; they start at 0, so 0 is included)."""
+    L = ot.shape[2]
+    bits = ot.view(np.int32)
+    for j in range(nj):
+        n = j0 + j
+        for i in range(L):
+            chain[ch, n, i] = ot[slot, j, i]
+            key = _ordered(bits[slot, j, i])
+            crange[slot, ch, 0, i] = min(crange[slot, ch, 0, i], key)
+            crange[slot, ch, 1, i] = max(crange[slot, ch, 1, i], key)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _chain_params(crange, xs, M):
+    """The rows' ``DynamicQuantizeLinear`` scale and zero point from the ranges every part of
+    the producing call kept (:func:`_chain_store`) into ``xs`` (as :func:`_row_params`; zero
+    past ``M``): the row's range is the range of all its values, as :func:`_row_range` finds it."""
+    L = xs.shape[2]
+    for ch in range((M + L - 1) // L):
+        zi = xs[ch, 0].view(np.int32)
+        for i in range(L):
+            if ch * L + i >= M:
+                zi[i] = 0
+                xs[ch, 1, i] = 0.0
+                continue
+            lo = crange[0, ch, 0, i]
+            hi = crange[0, ch, 1, i]
+            for p in range(1, crange.shape[0]):
+                lo = min(lo, crange[p, ch, 0, i])
+                hi = max(hi, crange[p, ch, 1, i])
+            s, zp = _scale_zero_point(_f32_from_bits(_ordered(lo)), _f32_from_bits(_ordered(hi)))
+            zi[i] = np.int32(zp)
+            xs[ch, 1, i] = s
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _q8(x, s, zp):
+    """``sat_u8(rint(x / s) + zp)`` as an int32, as :func:`~sparseinfer.kernels.int8._quantize_row_with`."""
+    return np.int32(min(max(np.rint(x / s) + zp, np.float32(0.0)), np.float32(255.0)))
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _chain_quantize(chain, xt, xs, ch, g0, g1):
+    """``xt[ch, g, i]`` for the groups ``g0 .. g1``: the 4 quantized bytes of ``X[ch * L + i,
+    4g .. 4g + 3]`` read from the transposed ``chain[ch, k, i]`` (no transpose needed: a group is
+    4 rows of ``chain``).  ``k`` past the rows of ``chain`` count as 0 (the padding gets the zero
+    point, as in :func:`~sparseinfer.kernels.int8._quantize_row_with`); a row with scale 0 is all
+    zeros.  The same division and rounding as the unchained quantization: bit-identical."""
+    L = xt.shape[2]
+    K = chain.shape[1]
+    zi = xs[ch, 0].view(np.int32)
+    for g in range(g0, g1):
+        k = 4 * g
+        if k + 3 < K:
+            for i in range(L):
+                s = xs[ch, 1, i]
+                zp = np.float32(zi[i])
+                w = _q8(chain[ch, k, i], s, zp)
+                w |= _q8(chain[ch, k + 1, i], s, zp) << 8
+                w |= _q8(chain[ch, k + 2, i], s, zp) << 16
+                w |= _q8(chain[ch, k + 3, i], s, zp) << 24
+                xt[ch, g, i] = w if s != 0 else 0
+        else:
+            for i in range(L):
+                s = xs[ch, 1, i]
+                zp = np.float32(zi[i])
+                w = np.int32(0)
+                for b in range(4):
+                    x = chain[ch, k + b, i] if k + b < K else np.float32(0.0)
+                    w |= _q8(x, s, zp) << (8 * b)
+                xt[ch, g, i] = w if s != 0 else 0
+
+
 @njit(nogil=True, error_model="numpy", cache=True)
 def _relayout(xw, xt, r0, r1, M):
     """``xt[ch, g, i] = xw[ch * L + i, g]`` (int32 words) for the rows ``r0 .. r1`` of one chunk.
@@ -426,7 +543,30 @@ def _row_params(x_scale, x_zp, xs, r0, r1, M):
 
 @njit(nogil=True, error_model="numpy", cache=True)
 def _columns(
-    xt, xs, ot, ch, slot, indptr, indices, data, N, j0, nj, npanel, out, m0, rows, x_scale, w_scale, colsum, bias, residual, act, NV
+    xt,
+    xs,
+    ot,
+    ch,
+    slot,
+    indptr,
+    indices,
+    data,
+    N,
+    j0,
+    nj,
+    npanel,
+    out,
+    m0,
+    rows,
+    x_scale,
+    w_scale,
+    colsum,
+    bias,
+    residual,
+    act,
+    xnext,
+    mm,
+    NV,
 ):
     """Output columns ``j0 .. j0 + nj`` for the rows of chunk ``ch``, K panel by K panel.
 
@@ -527,7 +667,10 @@ def _columns(
                 _vstore(ot, so + 448, a7)
             if last and x_scale is not None:
                 _activate_column(ot, slot, t, rows, act)
-    _store_columns(ot, slot, out, m0, rows, j0, nj, residual)
+    if xnext.shape[0] > 0:
+        _chain_store(ot, slot, xnext, mm, ch, j0, nj)
+    else:
+        _store_columns(ot, slot, out, m0, rows, j0, nj, residual)
 
 
 def _make_kernel(NV):
@@ -540,7 +683,7 @@ def _make_kernel(NV):
     L = 16 * NV
 
     @njit(nogil=True, error_model="numpy", parallel=True, cache=True)
-    def kernel(X, indptr, indices, data, w_scale, colsum, bias, residual, out, act, xq, x_scale, x_zp, xt, xs, ot):
+    def kernel(X, indptr, indices, data, w_scale, colsum, bias, residual, out, act, xq, x_scale, x_zp, xt, xs, ot, chain, crange, mode):
         M = xq.shape[0]
         N = out.shape[1]
         if M == 0 or N == 0:
@@ -560,18 +703,47 @@ def _make_kernel(NV):
         xw = xq.view(np.int32)  # [M, Kp / 4]: one word per row and group of 4 k
         xti = xt.view(np.int32)
         otv = ot.view(out.dtype)  # int32 sums, or float32 results
-        for t in prange((M + RB - 1) // RB):
-            r0 = t * RB
-            r1 = min(M, r0 + RB)
-            if X is not None:
-                for r in range(r0, r1):
-                    _quantize_row(X, r, xq, x_scale, x_zp)
-            _relayout(xw, xti, r0, r1, M)
-            _row_params(x_scale, x_zp, xs, r0, r1, M)
+        cr = crange.view(np.int32)  # the chain's row ranges as order-preserving keys
+        nparts = ot.shape[0]
+        if mode != CHAIN_NONE:
+            if x_scale is None or (mode == CHAIN_READ) != (X is None):
+                raise ValueError("a chained call has float32 results, and X only when it writes the chain")
+            if (
+                chain.shape[0] < nch
+                or chain.shape[2] != L
+                or cr.shape[0] != nparts
+                or cr.shape[1] < nch
+                or cr.shape[2] != 2
+                or cr.shape[3] != L
+            ):
+                raise ValueError("chain workspace does not match the kernel (use chain_workspace_shapes)")
+        if mode == CHAIN_WRITE:
+            if residual is not None or chain.shape[1] < N:
+                raise ValueError("a result written to the chain has no residual and fits its rows")
+            cr[:, :nch] = 0
+        if mode == CHAIN_READ:
+            G = xq.shape[1] // KG
+            if chain.shape[1] > G * KG:
+                raise ValueError("the chained input has more columns than K")
+            _chain_params(cr, xs, M)
+            nblk = (G + CG - 1) // CG
+            for t in prange(nch * nblk):
+                ch = t // nblk
+                g0 = (t - ch * nblk) * CG
+                _chain_quantize(chain, xti, xs, ch, g0, min(G, g0 + CG))
+        else:
+            for t in prange((M + RB - 1) // RB):
+                r0 = t * RB
+                r1 = min(M, r0 + RB)
+                if X is not None:
+                    for r in range(r0, r1):
+                        _quantize_row(X, r, xq, x_scale, x_zp)
+                _relayout(xw, xti, r0, r1, M)
+                _row_params(x_scale, x_zp, xs, r0, r1, M)
         npanel = (indptr.shape[0] - 1) // N
         upc = (N + FG - 1) // FG  # units (16 columns) per chunk
         units = nch * upc
-        nparts = ot.shape[0]
+        chained = chain if mode == CHAIN_WRITE else chain[:0]
         for s in prange(nparts):
             u = s * units // nparts
             u1 = (s + 1) * units // nparts
@@ -583,7 +755,7 @@ def _make_kernel(NV):
                 m0 = ch * L
                 _columns(
                     xti, xs, otv, ch, np.intp(s), indptr, indices, data, N, j0, min(nu * FG, N - j0), npanel, out, m0, min(L, M - m0),
-                    x_scale, w_scale, colsum, bias, residual, act, NV,
+                    x_scale, w_scale, colsum, bias, residual, act, chained, cr, NV,
                 )  # fmt: skip
                 u += nu
 
@@ -591,13 +763,15 @@ def _make_kernel(NV):
 
 
 _KERNELS: dict = {}
+NO_CHAIN = np.zeros((0, 0, 0), np.float32)  # the chain arguments of an unchained call
+NO_RANGE = np.zeros((0, 0, 2, 16), np.float32)
 
 
 def sparse_int8_kernel(M: int, lanes: int | None = None):
     """The compiled kernel for ``M`` rows (chosen once, at plan time).
 
     Call it as ``kernel(X, indptr, indices, data, w_scale, colsum, bias,
-    residual, out, act, xq, x_scale, x_zp, xt, xs, ot)``:
+    residual, out, act, xq, x_scale, x_zp, xt, xs, ot, chain, crange, mode)``:
 
     * ``X`` float32 [M, K] C-contiguous: quantized into ``xq`` / ``x_scale``
       / ``x_zp`` (per-row ``DynamicQuantizeLinear``, as ``quantize_rows``);
@@ -610,7 +784,17 @@ def sparse_int8_kernel(M: int, lanes: int | None = None):
       ``ACT_*`` code; ``x_scale=None`` (with ``X=None``): ``out`` int32 gets
       ``(xq - zp) @ Wq`` (``w_scale``, ``bias``, ``residual`` unused);
     * ``xt``, ``xs``, ``ot``: the workspace of :func:`make_workspace` (the
-      same ``lanes``).
+      same ``lanes``);
+    * ``mode`` ``CHAIN_NONE`` (``chain``, ``crange``: ``NO_CHAIN``,
+      ``NO_RANGE``); ``CHAIN_WRITE``: the float32 result, activation applied,
+      goes to ``chain [nchunk, >= N, L]`` transposed (``chain[ch, n, i] =
+      Y[ch * L + i, n]``) with each row's range in ``crange``, and ``out`` is
+      not written (pass a ``[0, N]`` array; no residual); ``CHAIN_READ`` (with
+      ``X=None``): the input is the ``chain`` / ``crange`` of such a call,
+      quantized from there (bit-identical to quantizing ``Y`` row by row) and
+      ``xq``, ``x_scale``, ``x_zp`` are not used.  ``chain`` and ``crange``
+      from :func:`chain_workspace_shapes`.  A call does not read and write a
+      chain both.
     """
     nv = (lanes_for(M) if lanes is None else int(lanes)) // 16
     k = _KERNELS.get(nv)
@@ -696,7 +880,25 @@ def sparse_dense_int8(xq, x_scale, x_zp, packed, w_scale, colsum, bias=None, res
     if x_scale.shape != (M,) or x_scale.dtype != np.float32:
         raise ValueError("x_scale must be float32 [M]")
     out = _check_epilogue(M, N, w_scale, bias, residual, out, act)
-    kernel(None, *packed, w_scale, colsum, bias, residual, out, act, xq, x_scale, x_zp, ws["xt"], ws["xs"], ws["ot"])
+    kernel(
+        None,
+        *packed,
+        w_scale,
+        colsum,
+        bias,
+        residual,
+        out,
+        act,
+        xq,
+        x_scale,
+        x_zp,
+        ws["xt"],
+        ws["xs"],
+        ws["ot"],
+        NO_CHAIN,
+        NO_RANGE,
+        CHAIN_NONE,
+    )
     return out
 
 
@@ -709,7 +911,9 @@ def sparse_matmul_int8(xq, x_zp, packed, colsum, out=None, workspace=None):
         out = np.empty((M, N), dtype=np.int32)
     if out.shape != (M, N) or out.dtype != np.int32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous int32 [{M}, {N}] array")
-    kernel(None, *packed, None, colsum, None, None, out, ACT_NONE, xq, None, x_zp, ws["xt"], ws["xs"], ws["ot"])
+    kernel(
+        None, *packed, None, colsum, None, None, out, ACT_NONE, xq, None, x_zp, ws["xt"], ws["xs"], ws["ot"], NO_CHAIN, NO_RANGE, CHAIN_NONE
+    )
     return out
 
 
@@ -738,5 +942,91 @@ def quantized_sparse_dense(X, packed, w_scale, colsum, bias=None, residual=None,
     if xq.shape[0] < M or xq.shape[1] != Kp or x_scale.shape[0] < M or x_zp.shape[0] < M:
         raise ValueError(f"workspace xq of shape {xq.shape} does not fit M={M}, Kp={Kp} (use make_workspace)")
     out = _check_epilogue(M, N, w_scale, bias, residual, out, act)
-    kernel(X, *packed, w_scale, colsum, bias, residual, out, act, xq[:M], x_scale[:M], x_zp[:M], ws["xt"], ws["xs"], ws["ot"])
+    kernel(
+        X,
+        *packed,
+        w_scale,
+        colsum,
+        bias,
+        residual,
+        out,
+        act,
+        xq[:M],
+        x_scale[:M],
+        x_zp[:M],
+        ws["xt"],
+        ws["xs"],
+        ws["ot"],
+        NO_CHAIN,
+        NO_RANGE,
+        CHAIN_NONE,
+    )
+    return out
+
+
+def quantized_sparse_chain(X, first, second, residual=None, out=None, workspace=None):
+    """Two chained calls: ``Y = act1(X @ W1 + b1)`` then ``out = act2(Y @ W2 + b2) + residual``,
+    with ``Y`` handed over transposed and quantized from there (``CHAIN_WRITE`` / ``CHAIN_READ``).
+    ``first`` and ``second`` are ``(packed, w_scale, colsum, bias, act)``.  Equal bit for bit to
+    two :func:`quantized_sparse_dense` calls; the checked form of what a plan does for BERT's
+    feed-forward pair (:mod:`sparseinfer.runtime.int8_lowering`)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D [M, K], got shape {X.shape}")
+    (p1, s1, c1, b1, a1), (p2, s2, c2, b2, a2) = first, second
+    M, K = X.shape
+    N1, N2 = s1.shape[0], s2.shape[0]
+    if workspace is None:
+        workspace = make_workspace(M, max(K, N1))
+    kernel, ws = _kernel_and_workspace(M, padded_k(max(K, N1)), workspace)
+    L = ws["xt"].shape[2]
+    link = {name: aligned_empty(shape, np.float32) for name, shape in chain_workspace_shapes(M, N1, L).items()}
+    for packed, colsum, n, k in ((p1, c1, N1, K), (p2, c2, N2, N1)):
+        _check(np.empty((M, padded_k(k)), np.uint8), np.empty(M, np.uint8), packed, colsum, n, ws)
+    _check_epilogue(M, N1, s1, b1, None, None, a1)
+    out = _check_epilogue(M, N2, s2, b2, residual, out, a2)
+    xq, xs = ws["xq"], ws["x_scale"]
+    if xq.shape[0] < M or xq.shape[1] < padded_k(K) or xs.shape[0] < M:
+        raise ValueError(f"workspace xq of shape {xq.shape} does not fit M={M}, K={K} (use make_workspace)")
+    xq1 = xq.reshape(-1)[: M * padded_k(K)].reshape(M, padded_k(K))
+    xq2 = xq.reshape(-1)[: M * padded_k(N1)].reshape(M, padded_k(N1))
+    none = np.empty((0, N1), np.float32)
+    kernel(
+        X,
+        *p1,
+        s1,
+        c1,
+        b1,
+        None,
+        none,
+        a1,
+        xq1,
+        xs[:M],
+        ws["x_zp"][:M],
+        ws["xt"],
+        ws["xs"],
+        ws["ot"],
+        link["chain"],
+        link["crange"],
+        CHAIN_WRITE,
+    )
+    kernel(
+        None,
+        *p2,
+        s2,
+        c2,
+        b2,
+        residual,
+        out,
+        a2,
+        xq2,
+        xs[:M],
+        ws["x_zp"][:M],
+        ws["xt"],
+        ws["xs"],
+        ws["ot"],
+        link["chain"],
+        link["crange"],
+        CHAIN_READ,
+    )
     return out

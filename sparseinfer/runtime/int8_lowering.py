@@ -14,6 +14,9 @@ A quantized node with `layout="bsr"`, `block=[4, 1]` (the quantize pass's choice
 weight) runs the sparse int8 kernel (`sparseinfer.kernels.int8_sparse`) instead: the weight packed
 as its nonzero 4 x 1 blocks, the rows quantized inside the kernel's first parallel region into the
 same scratch, its relaid activations and output columns in workspaces shared per shape as well.
+Two such steps where the first's result is read only by the second (BERT's FF1 -> FF2) are
+chained (`find_int8_chains`): the intermediate goes from one to the other transposed, in a
+workspace, never as a row-major tensor.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..graph import Node
+from ..graph.reference import ENGINE_DOMAIN
 from ..kernels import int8 as k_int8
 from ..kernels import int8_sparse as k_int8_sparse
+from .sparse_lowering import Chain, link_chains
 
 if TYPE_CHECKING:
     from .plan import DenseOperands, Plan, Step
@@ -101,9 +106,38 @@ def lower_dense_int8(plan: Plan, node: Node) -> Step | None:
     return plan._kernel(node, call, flops=2 * m * k * n)
 
 
+def find_int8_chains(plan: Plan) -> dict[str, Chain]:
+    """Pairs of sparse int8 Dense steps chained through a transposed float32 workspace: the
+    producer (no residual) writes its result, activation applied, as the consumer's rows of
+    ``X.T`` with each row's range (``CHAIN_WRITE``), and the consumer quantizes its input from
+    there (``CHAIN_READ``), bit-identical to quantizing the row-major result (BERT's FF1 -> FF2:
+    the 128 x 3072 intermediate is neither transposed back nor read row by row). Both must run
+    on the sparse int8 kernel; a step does not both read and write a chain."""
+    from .plan import dense_operands
+
+    graph = plan.graph
+
+    def link(node: Node, consumer: Node) -> tuple[str, tuple[int, ...]] | None:
+        if not (_runs_sparse_int8(node) and _runs_sparse_int8(consumer)):
+            return None
+        p, q = dense_operands(graph, node), dense_operands(graph, consumer)
+        if p is None or q is None or p.residual is not None or p.m != q.m or q.k != p.n:
+            return None
+        if packed_sparse_int8(plan, p.w) is None or packed_sparse_int8(plan, q.w) is None:
+            return None
+        return "Sparse_int8", k_int8_sparse.chain_workspace_shapes(p.m, p.n)["chain"]
+
+    return link_chains(graph, link, through=False)
+
+
+def _runs_sparse_int8(node: Node) -> bool:
+    return node.domain == ENGINE_DOMAIN and node.op == "Dense" and node.attrs.get("quantize") == "int8" and _sparse_int8(node)
+
+
 def _lower_sparse(plan: Plan, node: Node, ops: DenseOperands) -> Step | None:
-    """The sparse int8 kernel step of a Dense stored as nonzero 4 x 1 blocks."""
-    from .plan import _rows
+    """The sparse int8 kernel step of a Dense stored as nonzero 4 x 1 blocks, chained to its
+    neighbour where `plan.sparse_chains` says (`find_int8_chains`)."""
+    from .plan import Step, _rows
 
     quantized = packed_sparse_int8(plan, ops.w)
     if quantized is None:
@@ -115,11 +149,29 @@ def _lower_sparse(plan: Plan, node: Node, ops: DenseOperands) -> Step | None:
     names.update({a: f"Sparse_int8__{a}__{'x'.join(map(str, shapes[a]))}" for a in ("xt", "xs", "ot")})
     plan.workspaces.update({names[a]: shapes[a] for a in ("xt", "xs", "ot")})
     kernel = k_int8_sparse.sparse_int8_kernel(m)
+    src = plan.sparse_chains.get(x)
+    src = src if src is not None and src.consumer is node else None
+    dst = plan.sparse_chains.get(node.outputs[0])
+    link = src or dst
+    mode = k_int8_sparse.CHAIN_READ if src else k_int8_sparse.CHAIN_WRITE if dst else k_int8_sparse.CHAIN_NONE
+    if link is not None:
+        link_shapes = k_int8_sparse.chain_workspace_shapes(m, link.shape[1])
+        names["chain"], names["crange"] = link.workspace, f"{link.workspace}__range"
+        plan.workspaces.update({names["chain"]: link_shapes["chain"], names["crange"]: link_shapes["crange"]})
 
     def call(env, out, arena):
-        ws = k_int8_sparse.as_kernel_operands({a: arena[name] for a, name in names.items()}, m)
-        res = None if residual is None else _rows(env[residual])
+        ws = k_int8_sparse.as_kernel_operands({a: arena[names[a]] for a in ("xq", "x_scale", "x_zp", "xt", "xs", "ot")}, m)
         xq, xs, xz, xt, xsc, ot = ws["xq"], ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"]
-        kernel(_rows(env[x]), indptr, indices, data, w_scale, colsum, b, res, out.reshape(-1, n), act, xq, xs, xz, xt, xsc, ot)
+        if link is None:
+            chain, crange = k_int8_sparse.NO_CHAIN, k_int8_sparse.NO_RANGE
+        else:
+            chain, crange = arena[names["chain"]], arena[names["crange"]]
+        xin = None if src else _rows(env[x])
+        res = None if residual is None else _rows(env[residual])
+        kernel(xin, indptr, indices, data, w_scale, colsum, b, res, out.reshape(-1, n), act, xq, xs, xz, xt, xsc, ot, chain, crange, mode)
 
-    return plan._kernel(node, call, flops=2 * m * int(np.count_nonzero(ops.weight)))
+    flops = 2 * m * int(np.count_nonzero(ops.weight))
+    if dst is None:
+        return plan._kernel(node, call, flops=flops)
+    no_out = np.empty((0, n), np.float32)  # only its column count is read: the result goes to the chain
+    return Step(node, "kernel", lambda env, arena: call(env, no_out, arena), flops, buffer=False)

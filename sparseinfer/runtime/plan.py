@@ -25,7 +25,7 @@ from ..kernels import dense as k_dense
 from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 from ..kernels.sparse_formats import aligned_empty
-from .int8_lowering import lower_dense_int8
+from .int8_lowering import find_int8_chains, lower_dense_int8
 from .quant_lowering import lower_integer_matmul, lower_qdense
 from .sparse_lowering import find_chains, lower_sparse_dense
 
@@ -63,7 +63,8 @@ class Plan:
         self.graph = graph
         self.weights = weights or WeightCache()
         self.workspaces: dict[str, tuple[int, ...]] = {}  # per-arena float32 scratch arrays kernels ask for
-        self.sparse_chains = find_chains(graph) if chain_sparse else {}  # sparse Dense pairs sharing a workspace
+        # sparse Dense pairs sharing a workspace (fp32, and int8 pairs on the sparse int8 kernel)
+        self.sparse_chains = {**find_chains(graph), **find_int8_chains(self)} if chain_sparse else {}
         self.steps = [self._lower(n) for n in graph.nodes]
         self.buffers = self._plan_buffers()
         self._consts = {n: v.const for n, v in graph.values.items() if v.is_const}

@@ -19,6 +19,7 @@ live ranges (producer step to consumer step) do not overlap share one array.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,10 +58,14 @@ def sparse_block(graph: Graph, node: Node) -> tuple[int, int] | None:
     return (1, 1) if layout == "csr" else tuple(int(b) for b in node.attrs["block"])
 
 
-def find_chains(graph: Graph) -> dict[str, Chain]:
-    """The chainable producer -> consumer pairs of sparse Dense nodes, by intermediate value."""
-    from .plan import dense_operands
+def link_chains(graph: Graph, link: Callable[[Node, Node], tuple[str, tuple[int, ...]] | None], through: bool = True) -> dict[str, Chain]:
+    """The producer -> consumer pairs of ``graph`` that ``link`` accepts, by intermediate value.
 
+    A candidate pair: the producer has one output, read by nothing but one node, as that node's
+    ``x`` input (only), and not a graph output. ``link(producer, consumer)`` says whether the two
+    steps can share a workspace: ``(prefix, shape)`` of the shared array, or None. Chains of the
+    same prefix and shape whose live ranges (producer step to consumer step) do not overlap share
+    one array. ``through=False``: a node that consumes a chain does not also produce one."""
     readers: dict[str, list[Node]] = {}
     for node in graph.nodes:
         for name in node.inputs:
@@ -69,34 +74,50 @@ def find_chains(graph: Graph) -> dict[str, Chain]:
     order = {id(node): i for i, node in enumerate(graph.nodes)}
     outputs = set(graph.outputs)
     chains: dict[str, Chain] = {}
-    busy: dict[tuple, list[int]] = {}  # workspace shape -> step index up to which each array is in use
+    consumers: set[int] = set()
+    busy: dict[tuple, list[int]] = {}  # (prefix, shape) -> step index up to which each array is in use
     for node in graph.nodes:
-        bp = sparse_block(graph, node)
-        if bp is None or len(node.outputs) != 1:
+        if len(node.outputs) != 1 or (not through and id(node) in consumers):
             continue
         value = node.outputs[0]
         users = readers.get(value, [])
         if value in outputs or len(users) != 1:
             continue
         consumer = users[0]
-        bq = sparse_block(graph, consumer)
-        if bq is None or consumer.inputs[0] != value or value in consumer.inputs[1:]:
+        if not consumer.inputs or consumer.inputs[0] != value or value in consumer.inputs[1:]:
             continue
-        p, q = dense_operands(graph, node), dense_operands(graph, consumer)
-        lanes = k_bsr.chunk_rows(bp[1])
-        if p.residual is not None or lanes != k_bsr.chunk_rows(bq[1]) or p.m != q.m or q.k != p.n:
+        linked = link(node, consumer)
+        if linked is None:
             continue
-        shape = k_csr.chain_workspace(p.m, p.n, lanes).shape
+        prefix, shape = linked
         start, end = order[id(node)], order[id(consumer)]
-        ends = busy.setdefault(shape, [])
+        ends = busy.setdefault((prefix, shape), [])
         slot = next((i for i, e in enumerate(ends) if e < start), len(ends))
         if slot == len(ends):
             ends.append(end)
         else:
             ends[slot] = end
-        name = f"Sparse__chain{slot}__{'x'.join(map(str, shape))}"
+        name = f"{prefix}__chain{slot}__{'x'.join(map(str, shape))}"
         chains[value] = Chain(value, node, consumer, name, shape)
+        consumers.add(id(consumer))
     return chains
+
+
+def find_chains(graph: Graph) -> dict[str, Chain]:
+    """The chainable producer -> consumer pairs of fp32 sparse Dense nodes, by intermediate value."""
+    from .plan import dense_operands
+
+    def link(node: Node, consumer: Node) -> tuple[str, tuple[int, ...]] | None:
+        bp, bq = sparse_block(graph, node), sparse_block(graph, consumer)
+        if bp is None or bq is None:
+            return None
+        p, q = dense_operands(graph, node), dense_operands(graph, consumer)
+        lanes = k_bsr.chunk_rows(bp[1])
+        if p.residual is not None or lanes != k_bsr.chunk_rows(bq[1]) or p.m != q.m or q.k != p.n:
+            return None
+        return "Sparse", k_csr.chain_workspace(p.m, p.n, lanes).shape
+
+    return link_chains(graph, link)
 
 
 def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) -> Step:

@@ -218,6 +218,85 @@ def test_rejects_mismatched_operands():
         S.pack_sparse_int8(np.zeros((8, 1), np.int8), kb=6)
 
 
+# --------------------------------------------------------------------------- chaining
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.sampled_from(ROWS),
+    K=st.integers(1, 70),
+    H=st.integers(1, 90),
+    density=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    use_bias=st.booleans(),
+    use_res=st.booleans(),
+    act=st.sampled_from(sorted(ACTIVATION)),
+)
+@example(seed=3, M=129, K=33, H=66, density=0.3, use_bias=True, use_res=True, act=D.ACT_GELU)
+@example(seed=4, M=200, K=8, H=3, density=1.0, use_bias=False, use_res=False, act=D.ACT_RELU)
+def test_chained_pair_equals_two_calls(seed, M, K, H, density, use_bias, use_res, act):
+    """X -> act(X @ W1 + b1) -> (. @ W2 + b2) + residual through the chain (the intermediate
+    transposed and quantized from there) gives the bits of two separate calls: every row's range,
+    scale, zero point and quantized bytes are the same. H not a multiple of 4 pads the last group;
+    ReLU makes rows of zeros (scale 0)."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, (M, K)).astype(np.float32)
+    X[rng.integers(M)] = 0.0
+    W1 = rng.uniform(-1, 1, (K, H)).astype(np.float32) * (sparse_int8_weight(rng, K, H, density, "4x1") != 0)
+    W2 = rng.uniform(-1, 1, (H, K)).astype(np.float32) * (sparse_int8_weight(rng, H, K, density, "4x1") != 0)
+    b1 = rng.uniform(-1, 1, H).astype(np.float32) if use_bias else None
+    b2 = rng.uniform(-1, 1, K).astype(np.float32) if use_bias else None
+    res = rng.uniform(-1, 1, (M, K)).astype(np.float32) if use_res else None
+    p1, p2 = S.pack_weight_sparse_int8(W1), S.pack_weight_sparse_int8(W2)
+    y = S.quantized_sparse_dense(X, *p1, b1, act=act)
+    expect = S.quantized_sparse_dense(y, *p2, b2, res)
+    out = S.quantized_sparse_chain(X, (*p1, b1, act), (*p2, b2, D.ACT_NONE), res)
+    np.testing.assert_array_equal(out, expect)
+
+
+def test_chain_rejects_bad_use():
+    M, K, H = 20, 12, 16
+    X = np.ones((M, K), np.float32)
+    p1, s1, c1 = S.pack_weight_sparse_int8(np.ones((K, H), np.float32))
+    p2, s2, c2 = S.pack_weight_sparse_int8(np.ones((H, K), np.float32))
+    ws = S.make_workspace(M, H)
+    kernel = S.sparse_int8_kernel(M)
+    link = {k: np.zeros(v, np.float32) for k, v in S.chain_workspace_shapes(M, H).items()}
+    args = (np.zeros((M, K), np.uint8), ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"])
+    with pytest.raises(ValueError, match="no residual"):
+        kernel(
+            X,
+            *p1,
+            s1,
+            c1,
+            None,
+            np.ones((M, H), np.float32),
+            np.empty((0, H), np.float32),
+            0,
+            *args,
+            link["chain"],
+            link["crange"],
+            S.CHAIN_WRITE,
+        )
+    with pytest.raises(ValueError, match="X only when it writes"):
+        kernel(X, *p2, s2, c2, None, None, np.empty((M, K), np.float32), 0, *args, link["chain"], link["crange"], S.CHAIN_READ)
+    with pytest.raises(ValueError, match="chain workspace does not match"):
+        kernel(
+            X,
+            *p1,
+            s1,
+            c1,
+            None,
+            None,
+            np.empty((0, H), np.float32),
+            0,
+            *args,
+            link["chain"][:, :, :8].copy(),
+            link["crange"],
+            S.CHAIN_WRITE,
+        )
+
+
 # --------------------------------------------------------------------------- format
 
 

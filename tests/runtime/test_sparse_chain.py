@@ -22,9 +22,10 @@ def sparse_weight(rng, k, n, block=(1, 1), density=0.3):
     return (rng.uniform(-1, 1, (k, n)) * keep).astype(np.float32)
 
 
-def chain_graph(layouts, dims=DIMS, *, residual_on=None, also_output=False, extra_reader=False, h_as_residual=False):
+def chain_graph(layouts, dims=DIMS, *, residual_on=None, also_output=False, extra_reader=False, h_as_residual=False, int8=()):
     """x -> Dense_0 -> h0 -> Dense_1 -> h1 ... with the given (layout, block) per Dense; bias on every
-    Dense, GELU on all but the last. Options break the chaining conditions for h0."""
+    Dense, GELU on all but the last; the Dense numbered in `int8` marked quantize="int8". Options
+    break the chaining conditions for h0."""
     rng = np.random.default_rng(len(layouts))
     g = Graph("sparse-chain")
     g.add_input("x", TensorInfo(np.float32, (M, dims[0])))
@@ -42,6 +43,8 @@ def chain_graph(layouts, dims=DIMS, *, residual_on=None, also_output=False, extr
         attrs = {"activation": "gelu" if i < len(layouts) - 1 else "none", "layout": layout}
         if block:
             attrs["block"] = block
+        if i in int8:
+            attrs["quantize"] = "int8"
         g.add_node(Node("Dense", (x, f"w{i}", f"b{i}", res), (f"h{i}",), attrs, domain=ENGINE_DOMAIN), [TensorInfo(np.float32, (M, n))])
         x = f"h{i}"
     g.add_output(x)
@@ -128,3 +131,56 @@ def test_intermediate_read_twice_by_the_consumer_is_not_chained():
     feeds = feeds_for(g)
     for a, ref in zip(plan.run(feeds), run_graph(g, feeds)):
         np.testing.assert_allclose(a, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------- int8 (sparse int8 kernel)
+
+INT8 = [("bsr", (4, 1))]
+
+
+def check_int8_outputs(g: Graph, plan: Plan) -> None:
+    """Chaining must not change a bit (the quantization of the intermediate is the same); the
+    int8 arithmetic itself is checked against the reference in tests/kernels/test_int8_sparse.py."""
+    feeds = feeds_for(g)
+    ours = plan.run(feeds)
+    for a, u in zip(ours, Plan(g, chain_sparse=False).run(feeds)):
+        np.testing.assert_array_equal(a, u)
+    for a, b in zip(ours, [o.copy() for o in plan.run(feeds)]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_int8_pair_is_chained():
+    g = chain_graph(INT8 * 2, int8=(0, 1))
+    plan = Plan(g)
+    assert list(plan.sparse_chains) == ["h0"]
+    chain = plan.sparse_chains["h0"]
+    assert chain.workspace.startswith("Sparse_int8__chain") and f"{chain.workspace}__range" in plan.workspaces
+    assert "h0" not in plan.buffers.slot_of
+    assert [st.buffer for st in plan.steps] == [False, True]
+    check_int8_outputs(g, plan)
+
+
+def test_int8_chain_link_does_not_run_through():
+    # the middle Dense reads the first chain; it writes its result row-major for the third
+    g = chain_graph(INT8 * 3, (40, 70, 50, 40), int8=(0, 1, 2))
+    plan = Plan(g)
+    assert list(plan.sparse_chains) == ["h0"]
+    assert [st.buffer for st in plan.steps] == [False, True, True]
+    check_int8_outputs(g, plan)
+
+
+@pytest.mark.parametrize(
+    "layouts, int8, options",
+    [
+        (INT8 * 2, (0, 1), {"residual_on": 0}),
+        (INT8 * 2, (0, 1), {"also_output": True}),
+        (INT8 * 2, (0,), {}),  # an int8 producer and an fp32 consumer
+        (INT8 * 2, (1,), {}),
+        ([("dense", None)] + INT8, (0, 1), {}),  # the dense int8 kernel does not chain
+    ],
+)
+def test_int8_not_chained(layouts, int8, options):
+    g = chain_graph(layouts, int8=int8, **options)
+    plan = Plan(g)
+    assert not plan.sparse_chains
+    assert all(st.buffer for st in plan.steps)
