@@ -12,17 +12,72 @@ such as the float32 minimum for padding), computes the per-head context
         P  = softmax(Qh @ Kh.T * scale + mask[b][None, :])        (over keys)
         out[b*S:(b+1)*S, h*D:(h+1)*D] = P @ Vh
 
+Kernel design
+-------------
 Parallel over ``(batch, head)`` tasks in a single ``prange`` over threads;
-each thread uses its own slice of a preallocated workspace (see
-:func:`workspace_shapes`) and owns the output block of its task.  Both
-matmuls use the same 8 x 32 register-blocked micro-kernel as
-:mod:`sparseinfer.kernels.dense` (K is transposed and V copied into
-zero-padded panels in the workspace first).  The softmax is computed in fp32
-with max subtraction; only the final sum is a fastmath (reassociating)
-reduction; exp is the vectorisable Cephes-style ``exp_f32`` (max relative
-error 8e-8 measured against float64 exp).  Measured on BERT-base shapes
-(B=8, S=128, H=12, D=64, 2 threads): about 1.9 ms, of which the two matmuls
-are ~1.15 ms (~350 GF/s), the softmax ~0.55 ms and the K/V copies ~0.15 ms.
+each thread uses its own slice of three preallocated workspaces (see
+:func:`workspace_shapes`) and owns the output block of its task.  All vector
+work is written with explicit ``<16 x float>`` operations (the small llvmlite
+intrinsics below, on raw byte addresses), as the int8 kernel
+(:mod:`sparseinfer.kernels.attention_int8`) does with ``<16 x i32>``.  Per head:
+
+1. K_h is transposed into ``kt [D, Sp]`` (``Sp`` = S rounded up to 32, zero
+   columns past S) by 16 x 16 register transposes
+   (:func:`sparseinfer.kernels.csr.transpose16`; scalar edges), and V_h copied
+   into ``vp [S, Dp]`` (``Dp`` = D rounded up to 32, zero padded); the mask
+   row of the batch row is copied next to the score block with ``-inf`` past S.
+2. Per block of ``MR`` = 8 query rows (the last one repeats its last row):
+   the scores of the block, 8 x S floats that stay in L1, by an 8 x 32
+   register tile (16 zmm accumulators; per ``d`` 2 loads of ``kt`` and 8
+   broadcasts of Q read straight from ``q``, 16 FMAs) whose epilogue applies
+   ``* scale + mask`` with one FMA per vector; then the softmax of the 8 rows
+   in lockstep (vector max, ``e = exp(x - max)`` in place, vector sum; the
+   exp is the Cephes ``expf`` of :func:`sparseinfer.kernels.elementwise.exp_f32`
+   on 16 lanes with FMAs and ``vscalefps`` for ``2^n``); then the context by
+   the same tile over the S keys (broadcasts of ``e``, loads of ``vp``) whose
+   epilogue multiplies each row by ``1 / sum(e)`` and writes ``out``.  The
+   probabilities are never normalised in memory: ``(e @ V) / sum(e)`` instead
+   of ``(e / sum(e)) @ V``, one rounding either way.
+
+Numerics: fp32 throughout, FMA accumulation in ``d`` / key order, the exp to
+~2 ulp, the max exact, the row sums reassociated (16 lanes, then a tree).
+A key whose ``x - max`` is below -87.34 gets weight exactly 0 (the padding
+columns' ``-inf`` too); a row whose every key has the float32 minimum as mask
+gets uniform weights (as torch / onnxruntime); NaN propagates.
+
+Measured
+--------
+Zen 5 (2 vCPUs, AVX-512), 2 threads, same process, alternating with the
+previous kernel (one 8 x 32 FMA tile per matmul over scalar-transposed K / V
+panels, a 5-pass scalar-loop softmax), medians of 30-40 rounds on an idle
+machine (``/tmp`` A/B script: ``attention_packed`` on a fused QKV with a
+padding mask; load average 1.9 decaying from earlier jobs, CPUs 99% idle),
+BERT-base H=12 D=64, old -> new per call:
+
+* B=1 S=128: 0.259 -> 0.139 ms (0.54x);  B=8 S=128: 2.27 -> 1.24 ms (0.55x)
+* B=1 S=64: 0.083 -> 0.040 ms;  B=1 S=384: 1.94 -> 1.15 ms
+* in the engine (``benchmarks/attention_in_engine.py --batch 1``): the
+  Attention step 0.142 ms, the bare kernel 0.135 ms, 1 thread 0.262 ms.
+
+The two vCPUs run the FMA tile at 244 GF/s each and 482 GF/s together (L1
+resident), so the matmuls' floor at B=1 S=128 (50 MFLOP) is 0.104 ms; they
+take ~0.112 ms.  Stripping parts (2 threads, B=1 S=128): the softmax costs
+~0.013 ms, the K^T transposes and V copies ~0.011 ms (the previous kernel's,
+stripped the same way but on a loaded machine: ~0.09 and ~0.025 ms).
+
+What did not help / why not
+---------------------------
+* The softmax one row at a time (max, reduction, exp loop, sum, each waiting
+  on the last): 2x slower than 8 rows in lockstep; 4 rows: 1.12x slower.
+  The exp with an integer ``2^n`` (two factors, as ``exp_f32``) and an
+  overflow check took ~8% more softmax time than ``vscalefps`` (measured
+  one row at a time, 1 thread; the arguments are <= 0, so no overflow).
+* Reading V straight from the QKV rows for the context tile (no copy):
+  4-7% faster for BERT-base, but 10-18% slower when the row stride is a
+  multiple of 4 KiB (BERT-large: 3 x 1024 floats = 12 KiB; every V row of
+  a tile maps to the same two L1 sets), so V is always copied.
+* Not tried: folding the row max into the score tile's epilogue (the max
+  pass is 8 loads + 8 ``vmaxps`` per row, a few percent of the softmax).
 
 NumPy reference::
 
@@ -48,12 +103,251 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
 
-from sparseinfer.kernels.dense import NR, stack_f32
-from sparseinfer.kernels.elementwise import exp_f32
+from sparseinfer.kernels.csr import transpose16
+from sparseinfer.kernels.sparse_formats import aligned_empty
 
 __all__ = ["attention", "attention_packed", "workspace_shapes", "make_workspace"]
+
+MR = 8  # query rows per block / register tile
+NR = 32  # keys (scores) or output columns (context) per register tile: 2 zmm
+_L = 16  # float32 lanes of one vector
+
+# --------------------------------------------------------------------------
+# <16 x float> values and the few operations the kernel needs (raw byte addresses)
+# --------------------------------------------------------------------------
+
+_VF = ir.VectorType(ir.FloatType(), _L)
+_VI = ir.VectorType(ir.IntType(32), _L)
+
+
+class F32x16(types.Type):
+    """Sixteen float32 lanes, an LLVM ``<16 x float>`` value (one zmm register)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF)
+
+
+def _vptr(builder, addr):
+    return builder.inttoptr(addr, _VF.as_pointer())
+
+
+def _splat(builder, x):
+    v = builder.insert_element(ir.Constant(_VF, None), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_VF, None), ir.Constant(_VI, [0] * _L))
+
+
+def _cf(x):
+    return ir.Constant(_VF, [float(np.float32(x))] * _L)
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+@intrinsic
+def _vzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VF, [0.0] * _L)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def _vld(typingctx, addr):
+    """16 floats from byte address ``addr`` (unaligned)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_vptr(builder, args[0]), align=4)
+
+    return f32x16(types.intp), codegen
+
+
+@intrinsic
+def _vbc(typingctx, addr):
+    """The float at byte address ``addr``, in all 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(builder.inttoptr(args[0], ir.FloatType().as_pointer()), align=4)
+        return _splat(builder, x)
+
+    return f32x16(types.intp), codegen
+
+
+@intrinsic
+def _vset(typingctx, x):
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0])
+
+    return f32x16(types.float32), codegen
+
+
+@intrinsic
+def _vst(typingctx, addr, v):
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], _vptr(builder, args[0]), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, f32x16), codegen
+
+
+@intrinsic
+def _vstn(typingctx, addr, v, n):
+    """Store the first ``n`` lanes of ``v`` (``n`` may be <= 0 or >= 16)."""
+
+    def codegen(context, builder, sig, args):
+        n = builder.trunc(args[2], ir.IntType(32))
+        lanes = ir.Constant(_VI, list(range(_L)))
+        nv = builder.insert_element(ir.Constant(_VI, None), n, ir.Constant(ir.IntType(32), 0))
+        nv = builder.shuffle_vector(nv, ir.Constant(_VI, None), ir.Constant(_VI, [0] * _L))
+        m = builder.icmp_signed("<", lanes, nv)
+        ptr = _vptr(builder, args[0])
+        fnty = ir.FunctionType(ir.VoidType(), [_VF, ptr.type, ir.IntType(32), m.type])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0v16f32")
+        builder.call(fn, [args[1], ptr, ir.Constant(ir.IntType(32), 4), m])
+        return context.get_dummy_value()
+
+    return types.void(types.intp, f32x16, types.intp), codegen
+
+
+def _binop(fn):
+    def impl(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return fn(builder, args[0], args[1])
+
+        return f32x16(f32x16, f32x16), codegen
+
+    return intrinsic(impl)
+
+
+_vadd = _binop(lambda b, x, y: b.fadd(x, y))
+_vsub = _binop(lambda b, x, y: b.fsub(x, y))
+_vmul = _binop(lambda b, x, y: b.fmul(x, y))
+# vmaxps; a NaN score may be dropped here, but it still makes its exp and so the row sum NaN
+_vmax = _binop(lambda b, x, y: b.select(b.fcmp_ordered(">", x, y), x, y))
+
+
+@intrinsic
+def _vfma(typingctx, a, b, c):
+    """``a * b + c``, one rounding."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.fma.v16f32", _VF, list(args))
+
+    return f32x16(f32x16, f32x16, f32x16), codegen
+
+
+def _reduce(builder, v, op):
+    for half in (8, 4, 2, 1):
+        mask = [(i + half) % _L for i in range(_L)]
+        v = op(builder, v, builder.shuffle_vector(v, ir.Constant(_VF, None), ir.Constant(_VI, mask)))
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@intrinsic
+def _hmax(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return _reduce(builder, args[0], lambda b, x, y: b.select(b.fcmp_ordered(">", x, y), x, y))
+
+    return types.float32(f32x16), codegen
+
+
+@intrinsic
+def _hsum(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return _reduce(builder, args[0], lambda b, x, y: b.fadd(x, y))
+
+    return types.float32(f32x16), codegen
+
+
+_LOG2E = 1.4426950408889634
+_EXP_HI = 88.72283935546875
+_EXP_LO = -87.3365478515625
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def _exp_codegen(builder, x, scalef):
+    """IR of :func:`_vexp` on the ``<16 x float>`` value ``x``; ``scalef``: ``2^n`` by AVX-512
+    ``vscalefps`` (else by building the exponent bits, for CPUs without AVX-512)."""
+
+    def fma(a, b, c):
+        return _call(builder, "llvm.fma.v16f32", _VF, [a, b, c])
+
+    under = builder.fcmp_ordered("<", x, _cf(_EXP_LO))
+    xc = builder.select(under, _cf(_EXP_LO), x)
+    n = _call(builder, "llvm.floor.v16f32", _VF, [fma(xc, _cf(_LOG2E), _cf(0.5))])
+    r = fma(n, _cf(-0.693359375), xc)
+    r = fma(n, _cf(2.12194440e-4), r)
+    r2 = builder.fmul(r, r)
+    y = _cf(_EXP_P[0])
+    for p in _EXP_P[1:]:
+        y = fma(y, r, _cf(p))
+    y = fma(y, r2, r)
+    y = builder.fadd(y, _cf(1.0))
+    zero = ir.Constant(_VF, [0.0] * _L)
+    if scalef:
+        keep = builder.bitcast(builder.not_(under), ir.IntType(16))
+        return _call(builder, "llvm.x86.avx512.mask.scalef.ps.512", _VF, [y, n, zero, keep, ir.Constant(ir.IntType(32), 4)])
+    # -126 <= n <= 0 for -87.34 <= x <= 0: 2^n is the normal float with exponent field n + 127
+    bits = builder.shl(builder.add(builder.fptosi(n, _VI), ir.Constant(_VI, [127] * _L)), ir.Constant(_VI, [23] * _L))
+    return builder.select(under, zero, builder.fmul(y, builder.bitcast(bits, _VF)))
+
+
+@intrinsic
+def _vexp(typingctx, v):
+    """exp of 16 lanes ``x <= 0`` (or NaN): the Cephes ``expf`` of
+    :func:`sparseinfer.kernels.elementwise.exp_f32` (same range reduction and polynomial, with
+    FMAs), 0 below -87.3365, NaN propagates; ``2^n`` by ``vscalefps`` when the CPU Numba targets
+    has AVX-512 (one instruction instead of the integer construction and a multiply)."""
+
+    def codegen(context, builder, sig, args):
+        features = context.codegen().magic_tuple()[2].split(",")
+        return _exp_codegen(builder, args[0], "+avx512f" in features)
+
+    return f32x16(f32x16), codegen
+
+
+@intrinsic
+def _vexp_portable(typingctx, v):
+    """:func:`_vexp` without ``vscalefps`` (the path of CPUs without AVX-512; for tests)."""
+
+    def codegen(context, builder, sig, args):
+        return _exp_codegen(builder, args[0], False)
+
+    return f32x16(f32x16), codegen
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def exp_nonpositive(x, out, portable=False):
+    """``out[:] = exp(x)`` by the kernel's vector exp (:func:`_vexp`, for ``x <= 0``; ``portable``:
+    the path without AVX-512); ``x`` and ``out`` 1-D contiguous float32 of a length that is a
+    multiple of 16 (for tests)."""
+    xa = np.intp(x.ctypes.data)
+    oa = np.intp(out.ctypes.data)
+    for i in range(0, 4 * (x.size // _L * _L), 4 * _L):
+        if portable:
+            _vst(oa + i, _vexp_portable(_vld(xa + i)))
+        else:
+            _vst(oa + i, _vexp(_vld(xa + i)))
+
+
+# --------------------------------------------------------------------------
+# workspace
+# --------------------------------------------------------------------------
 
 
 def _round_up(x, m):
@@ -61,194 +355,339 @@ def _round_up(x, m):
 
 
 def workspace_shapes(S, D, nthreads=None):
-    """Shapes of the three float32 workspaces (K^T panels, V panels, scores)."""
+    """Shapes of the three float32 workspaces: K^T ``[D, Sp]``, V ``[S, Dp]`` and the score
+    block (``MR`` rows of ``Sp``, then the mask row and the reciprocal row sums), per thread."""
     if nthreads is None:
         nthreads = numba.config.NUMBA_NUM_THREADS
     Sp = _round_up(max(S, 1), NR)
     Dp = _round_up(max(D, 1), NR)
-    return (nthreads, D, Sp), (nthreads, max(S, 1), Dp), (nthreads, max(S, 1), Sp)
+    return (nthreads, max(D, 1), Sp), (nthreads, max(S, 1), Dp), (nthreads, MR + 2, Sp)
 
 
 def make_workspace(S, D, nthreads=None):
-    return tuple(np.zeros(s, dtype=np.float32) for s in workspace_shapes(S, D, nthreads))
+    """The workspaces of :func:`workspace_shapes`, 64-byte aligned (contents irrelevant)."""
+    return tuple(aligned_empty(s, np.float32) for s in workspace_shapes(S, D, nthreads))
 
 
-@njit(nogil=True, error_model="numpy", fastmath={"contract"}, cache=True)
-def _mk8(A, at, ar0, ac0, Bw, bt, K, c0, C, ct, cr0, cc0, nc):
-    """C[ct, cr0:cr0+8, cc0:cc0+nc] = A[at, ar0:ar0+8, ac0:ac0+K] @ Bw[bt, :K, c0:c0+NR]."""
-    a0 = numba.carray(stack_f32(NR), (NR,))
-    a1 = numba.carray(stack_f32(NR), (NR,))
-    a2 = numba.carray(stack_f32(NR), (NR,))
-    a3 = numba.carray(stack_f32(NR), (NR,))
-    a4 = numba.carray(stack_f32(NR), (NR,))
-    a5 = numba.carray(stack_f32(NR), (NR,))
-    a6 = numba.carray(stack_f32(NR), (NR,))
-    a7 = numba.carray(stack_f32(NR), (NR,))
-    for j in range(NR):
-        a0[j] = 0.0
-        a1[j] = 0.0
-        a2[j] = 0.0
-        a3[j] = 0.0
-        a4[j] = 0.0
-        a5[j] = 0.0
-        a6[j] = 0.0
-        a7[j] = 0.0
-    bc = np.uint64(c0)
-    acu = np.uint64(ac0)
-    for k in range(K):
-        ak = acu + np.uint64(k)
-        x0 = A[at, ar0, ak]
-        x1 = A[at, ar0 + 1, ak]
-        x2 = A[at, ar0 + 2, ak]
-        x3 = A[at, ar0 + 3, ak]
-        x4 = A[at, ar0 + 4, ak]
-        x5 = A[at, ar0 + 5, ak]
-        x6 = A[at, ar0 + 6, ak]
-        x7 = A[at, ar0 + 7, ak]
-        for j in range(NR):
-            b = Bw[bt, k, bc + np.uint64(j)]
-            a0[j] += x0 * b
-            a1[j] += x1 * b
-            a2[j] += x2 * b
-            a3[j] += x3 * b
-            a4[j] += x4 * b
-            a5[j] += x5 * b
-            a6[j] += x6 * b
-            a7[j] += x7 * b
-    cu = np.uint64(cc0)
-    if nc == NR:
-        for j in range(NR):
-            c = cu + np.uint64(j)
-            C[ct, cr0, c] = a0[j]
-            C[ct, cr0 + 1, c] = a1[j]
-            C[ct, cr0 + 2, c] = a2[j]
-            C[ct, cr0 + 3, c] = a3[j]
-            C[ct, cr0 + 4, c] = a4[j]
-            C[ct, cr0 + 5, c] = a5[j]
-            C[ct, cr0 + 6, c] = a6[j]
-            C[ct, cr0 + 7, c] = a7[j]
-    else:
-        for j in range(NR):
-            if j < nc:
-                c = cu + np.uint64(j)
-                C[ct, cr0, c] = a0[j]
-                C[ct, cr0 + 1, c] = a1[j]
-                C[ct, cr0 + 2, c] = a2[j]
-                C[ct, cr0 + 3, c] = a3[j]
-                C[ct, cr0 + 4, c] = a4[j]
-                C[ct, cr0 + 5, c] = a5[j]
-                C[ct, cr0 + 6, c] = a6[j]
-                C[ct, cr0 + 7, c] = a7[j]
-
-
-@njit(nogil=True, error_model="numpy", fastmath={"contract"}, cache=True)
-def _mk1(A, at, ar, ac0, Bw, bt, K, c0, C, ct, cr, cc0, nc):
-    """Single-row version of :func:`_mk8`."""
-    a0 = numba.carray(stack_f32(NR), (NR,))
-    for j in range(NR):
-        a0[j] = 0.0
-    bc = np.uint64(c0)
-    acu = np.uint64(ac0)
-    for k in range(K):
-        x0 = A[at, ar, acu + np.uint64(k)]
-        for j in range(NR):
-            a0[j] += x0 * Bw[bt, k, bc + np.uint64(j)]
-    cu = np.uint64(cc0)
-    if nc == NR:
-        for j in range(NR):
-            C[ct, cr, cu + np.uint64(j)] = a0[j]
-    else:
-        for j in range(NR):
-            if j < nc:
-                C[ct, cr, cu + np.uint64(j)] = a0[j]
-
-
-@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
-def _row_sum(p, t, i, n):
-    s = np.float32(0.0)
-    for j in range(n):
-        s += p[t, i, j]
-    return s
-
-
-_LANES = 16
+# --------------------------------------------------------------------------
+# register tiles: 8 rows x 32 columns
+# --------------------------------------------------------------------------
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _row_max(p, t, i, n):
-    """Exact max of p[t, i, :n] (n >= 1) over 16 independent lanes (max is
-    exact in any order, so no fastmath is needed; LLVM keeps this scalar, but
-    the 16 chains are independent, so it runs at load throughput)."""
-    lanes = numba.carray(stack_f32(_LANES), (_LANES,))
-    for lane in range(_LANES):
-        lanes[lane] = -np.inf
-    nb = n // _LANES
-    for jb in range(nb):
-        for lane in range(_LANES):
-            v = p[t, i, jb * _LANES + lane]
-            lanes[lane] = max(lanes[lane], v)
-    m = np.float32(-np.inf)
-    for lane in range(_LANES):
-        m = max(m, lanes[lane])
-    for j in range(nb * _LANES, n):
-        m = max(m, p[t, i, j])
-    return m
+def _tile_scores(qa, ldq, nr, kta, ldk, D, sca, lds, ma, scale):
+    """``sc[i, 0:32] = (Q[i, :D] . KT[:D, 0:32]) * scale + m[0:32]`` for i < 8; Q row i at byte
+    ``qa + min(i, nr - 1) * ldq`` (rows past ``nr`` repeat the last one), KT row d at
+    ``kta + d * ldk``, sc row i at ``sca + i * lds``, the mask row at ``ma``."""
+    q0 = qa
+    q1 = qa + ldq * min(1, nr - 1)
+    q2 = qa + ldq * min(2, nr - 1)
+    q3 = qa + ldq * min(3, nr - 1)
+    q4 = qa + ldq * min(4, nr - 1)
+    q5 = qa + ldq * min(5, nr - 1)
+    q6 = qa + ldq * min(6, nr - 1)
+    q7 = qa + ldq * min(7, nr - 1)
+    a00 = _vzero()
+    a01 = _vzero()
+    a10 = _vzero()
+    a11 = _vzero()
+    a20 = _vzero()
+    a21 = _vzero()
+    a30 = _vzero()
+    a31 = _vzero()
+    a40 = _vzero()
+    a41 = _vzero()
+    a50 = _vzero()
+    a51 = _vzero()
+    a60 = _vzero()
+    a61 = _vzero()
+    a70 = _vzero()
+    a71 = _vzero()
+    wo = kta
+    for d in range(D):
+        w0 = _vld(wo)
+        w1 = _vld(wo + 64)
+        wo += ldk
+        o = 4 * d
+        x = _vbc(q0 + o)
+        a00 = _vfma(x, w0, a00)
+        a01 = _vfma(x, w1, a01)
+        x = _vbc(q1 + o)
+        a10 = _vfma(x, w0, a10)
+        a11 = _vfma(x, w1, a11)
+        x = _vbc(q2 + o)
+        a20 = _vfma(x, w0, a20)
+        a21 = _vfma(x, w1, a21)
+        x = _vbc(q3 + o)
+        a30 = _vfma(x, w0, a30)
+        a31 = _vfma(x, w1, a31)
+        x = _vbc(q4 + o)
+        a40 = _vfma(x, w0, a40)
+        a41 = _vfma(x, w1, a41)
+        x = _vbc(q5 + o)
+        a50 = _vfma(x, w0, a50)
+        a51 = _vfma(x, w1, a51)
+        x = _vbc(q6 + o)
+        a60 = _vfma(x, w0, a60)
+        a61 = _vfma(x, w1, a61)
+        x = _vbc(q7 + o)
+        a70 = _vfma(x, w0, a70)
+        a71 = _vfma(x, w1, a71)
+    s = _vset(scale)
+    m0 = _vld(ma)
+    m1 = _vld(ma + 64)
+    _vst(sca, _vfma(a00, s, m0))
+    _vst(sca + 64, _vfma(a01, s, m1))
+    _vst(sca + lds, _vfma(a10, s, m0))
+    _vst(sca + lds + 64, _vfma(a11, s, m1))
+    _vst(sca + 2 * lds, _vfma(a20, s, m0))
+    _vst(sca + 2 * lds + 64, _vfma(a21, s, m1))
+    _vst(sca + 3 * lds, _vfma(a30, s, m0))
+    _vst(sca + 3 * lds + 64, _vfma(a31, s, m1))
+    _vst(sca + 4 * lds, _vfma(a40, s, m0))
+    _vst(sca + 4 * lds + 64, _vfma(a41, s, m1))
+    _vst(sca + 5 * lds, _vfma(a50, s, m0))
+    _vst(sca + 5 * lds + 64, _vfma(a51, s, m1))
+    _vst(sca + 6 * lds, _vfma(a60, s, m0))
+    _vst(sca + 6 * lds + 64, _vfma(a61, s, m1))
+    _vst(sca + 7 * lds, _vfma(a70, s, m0))
+    _vst(sca + 7 * lds + 64, _vfma(a71, s, m1))
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _softmax_row(p, t, i, S, scale, mask, b):
-    """p[t, i, :S] = softmax(p[t, i, :S] * scale + mask[b]) in place."""
-    if mask is not None:
-        for j in range(S):
-            p[t, i, j] = p[t, i, j] * scale + mask[b, j]
+def _store_row(oa, acc0, acc1, r, nc):
+    if nc >= NR:
+        _vst(oa, _vmul(acc0, r))
+        _vst(oa + 64, _vmul(acc1, r))
     else:
-        for j in range(S):
-            p[t, i, j] = p[t, i, j] * scale
-    m = _row_max(p, t, i, S)
+        _vstn(oa, _vmul(acc0, r), nc)
+        _vstn(oa + 64, _vmul(acc1, r), nc - _L)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _tile_context(ea, lde, S, va, ldv, ra, oa, ldo, nr, nc):
+    """``out[i, 0:nc] = (E[i, :S] . V[:S, 0:32]) * r[i]`` for i < nr (<= 8): E row i at byte
+    ``ea + i * lde``, V row j at ``va + j * ldv``, r at ``ra``, out row i at ``oa + i * ldo``."""
+    a00 = _vzero()
+    a01 = _vzero()
+    a10 = _vzero()
+    a11 = _vzero()
+    a20 = _vzero()
+    a21 = _vzero()
+    a30 = _vzero()
+    a31 = _vzero()
+    a40 = _vzero()
+    a41 = _vzero()
+    a50 = _vzero()
+    a51 = _vzero()
+    a60 = _vzero()
+    a61 = _vzero()
+    a70 = _vzero()
+    a71 = _vzero()
+    wo = va
     for j in range(S):
-        p[t, i, j] = exp_f32(p[t, i, j] - m)
-    inv = np.float32(1.0) / _row_sum(p, t, i, S)
-    for j in range(S):
-        p[t, i, j] *= inv
+        w0 = _vld(wo)
+        w1 = _vld(wo + 64)
+        wo += ldv
+        x0 = ea + 4 * j
+        x = _vbc(x0)
+        a00 = _vfma(x, w0, a00)
+        a01 = _vfma(x, w1, a01)
+        x = _vbc(x0 + lde)
+        a10 = _vfma(x, w0, a10)
+        a11 = _vfma(x, w1, a11)
+        x = _vbc(x0 + 2 * lde)
+        a20 = _vfma(x, w0, a20)
+        a21 = _vfma(x, w1, a21)
+        x = _vbc(x0 + 3 * lde)
+        a30 = _vfma(x, w0, a30)
+        a31 = _vfma(x, w1, a31)
+        x = _vbc(x0 + 4 * lde)
+        a40 = _vfma(x, w0, a40)
+        a41 = _vfma(x, w1, a41)
+        x = _vbc(x0 + 5 * lde)
+        a50 = _vfma(x, w0, a50)
+        a51 = _vfma(x, w1, a51)
+        x = _vbc(x0 + 6 * lde)
+        a60 = _vfma(x, w0, a60)
+        a61 = _vfma(x, w1, a61)
+        x = _vbc(x0 + 7 * lde)
+        a70 = _vfma(x, w0, a70)
+        a71 = _vfma(x, w1, a71)
+    _store_row(oa, a00, a01, _vbc(ra), nc)
+    if nr > 1:
+        _store_row(oa + ldo, a10, a11, _vbc(ra + 4), nc)
+    if nr > 2:
+        _store_row(oa + 2 * ldo, a20, a21, _vbc(ra + 8), nc)
+    if nr > 3:
+        _store_row(oa + 3 * ldo, a30, a31, _vbc(ra + 12), nc)
+    if nr > 4:
+        _store_row(oa + 4 * ldo, a40, a41, _vbc(ra + 16), nc)
+    if nr > 5:
+        _store_row(oa + 5 * ldo, a50, a51, _vbc(ra + 20), nc)
+    if nr > 6:
+        _store_row(oa + 6 * ldo, a60, a61, _vbc(ra + 24), nc)
+    if nr > 7:
+        _store_row(oa + 7 * ldo, a70, a71, _vbc(ra + 28), nc)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _head(q3, k3, v3, q_col, k_col, v_col, mask, b, h, S, D, scale, out3, kt, vp, pw, t):
-    Sp = kt.shape[2]
-    Dp = vp.shape[2]
+def _softmax8(sca, lds, n16, ra):
+    """For the 8 score rows at byte ``sca + i * lds`` (``n16`` columns, a multiple of 16):
+    ``e = exp(x - max)`` in place and ``r[i] = 1 / sum(e)`` at ``ra + 4 * i``.  The 8 rows go in
+    lockstep: one row at a time is a chain of dependent latencies (max, its reduction, exp, sum)
+    and ran at half the speed (4 rows at a time: 1.12x slower than 8)."""
+    r0 = sca + 0 * lds
+    r1 = sca + 1 * lds
+    r2 = sca + 2 * lds
+    r3 = sca + 3 * lds
+    r4 = sca + 4 * lds
+    r5 = sca + 5 * lds
+    r6 = sca + 6 * lds
+    r7 = sca + 7 * lds
+    m0 = _vld(r0)
+    m1 = _vld(r1)
+    m2 = _vld(r2)
+    m3 = _vld(r3)
+    m4 = _vld(r4)
+    m5 = _vld(r5)
+    m6 = _vld(r6)
+    m7 = _vld(r7)
+    nb = 4 * n16
+    for j in range(64, nb, 64):
+        m0 = _vmax(_vld(r0 + j), m0)
+        m1 = _vmax(_vld(r1 + j), m1)
+        m2 = _vmax(_vld(r2 + j), m2)
+        m3 = _vmax(_vld(r3 + j), m3)
+        m4 = _vmax(_vld(r4 + j), m4)
+        m5 = _vmax(_vld(r5 + j), m5)
+        m6 = _vmax(_vld(r6 + j), m6)
+        m7 = _vmax(_vld(r7 + j), m7)
+    m0 = _vset(_hmax(m0))
+    m1 = _vset(_hmax(m1))
+    m2 = _vset(_hmax(m2))
+    m3 = _vset(_hmax(m3))
+    m4 = _vset(_hmax(m4))
+    m5 = _vset(_hmax(m5))
+    m6 = _vset(_hmax(m6))
+    m7 = _vset(_hmax(m7))
+    s0 = _vzero()
+    s1 = _vzero()
+    s2 = _vzero()
+    s3 = _vzero()
+    s4 = _vzero()
+    s5 = _vzero()
+    s6 = _vzero()
+    s7 = _vzero()
+    for j in range(0, nb, 64):
+        e0 = _vexp(_vsub(_vld(r0 + j), m0))
+        e1 = _vexp(_vsub(_vld(r1 + j), m1))
+        e2 = _vexp(_vsub(_vld(r2 + j), m2))
+        e3 = _vexp(_vsub(_vld(r3 + j), m3))
+        e4 = _vexp(_vsub(_vld(r4 + j), m4))
+        e5 = _vexp(_vsub(_vld(r5 + j), m5))
+        e6 = _vexp(_vsub(_vld(r6 + j), m6))
+        e7 = _vexp(_vsub(_vld(r7 + j), m7))
+        _vst(r0 + j, e0)
+        _vst(r1 + j, e1)
+        _vst(r2 + j, e2)
+        _vst(r3 + j, e3)
+        _vst(r4 + j, e4)
+        _vst(r5 + j, e5)
+        _vst(r6 + j, e6)
+        _vst(r7 + j, e7)
+        s0 = _vadd(s0, e0)
+        s1 = _vadd(s1, e1)
+        s2 = _vadd(s2, e2)
+        s3 = _vadd(s3, e3)
+        s4 = _vadd(s4, e4)
+        s5 = _vadd(s5, e5)
+        s6 = _vadd(s6, e6)
+        s7 = _vadd(s7, e7)
+    one = np.float32(1.0)
+    _vst_scalar(ra + 0, one / _hsum(s0))
+    _vst_scalar(ra + 4, one / _hsum(s1))
+    _vst_scalar(ra + 8, one / _hsum(s2))
+    _vst_scalar(ra + 12, one / _hsum(s3))
+    _vst_scalar(ra + 16, one / _hsum(s4))
+    _vst_scalar(ra + 20, one / _hsum(s5))
+    _vst_scalar(ra + 24, one / _hsum(s6))
+    _vst_scalar(ra + 28, one / _hsum(s7))
+
+
+@intrinsic
+def _vst_scalar(typingctx, addr, x):
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], builder.inttoptr(args[0], ir.FloatType().as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.float32), codegen
+
+
+@intrinsic
+def _ld_scalar(typingctx, addr):
+    def codegen(context, builder, sig, args):
+        return builder.load(builder.inttoptr(args[0], ir.FloatType().as_pointer()), align=4)
+
+    return types.float32(types.intp), codegen
+
+
+# --------------------------------------------------------------------------
+# one head
+# --------------------------------------------------------------------------
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _head(qd, Wq, kd, Wk, vd, Wv, od, Wo, q_col, k_col, v_col, mask, b, h, S, D, scale, kta, vpa, pwa, Sp, Dp):
     row0 = b * S
-    kc = np.uint64(k_col + h * D)
-    vc = np.uint64(v_col + h * D)
-    # K_h^T -> kt[t, d, j] (zero padded to Sp keys); V_h -> vp[t, j, c] (padded to Dp)
-    for j in range(S):
+    # K_h^T -> kt [D, Sp], 16 x 16 blocks by register transposes, zero columns S..Sp
+    kbase = kd + 4 * (row0 * Wk + k_col + h * D)
+    S16 = S // _L * _L
+    D16 = D // _L * _L
+    for j0 in range(0, S16, _L):
+        for d0 in range(0, D16, _L):
+            transpose16(kbase + 4 * (j0 * Wk + d0), Wk, kta + 4 * (d0 * Sp + j0), Sp)
+    for j in range(S16, S):
         for d in range(D):
-            kt[t, d, j] = k3[0, row0 + j, kc + np.uint64(d)]
+            _vst_scalar(kta + 4 * (d * Sp + j), _ld_scalar(kbase + 4 * (j * Wk + d)))
+    for j in range(S16):
+        for d in range(D16, D):
+            _vst_scalar(kta + 4 * (d * Sp + j), _ld_scalar(kbase + 4 * (j * Wk + d)))
     for d in range(D):
         for j in range(S, Sp):
-            kt[t, d, j] = 0.0
+            _vst_scalar(kta + 4 * (d * Sp + j), np.float32(0.0))
+    # V_h -> vp [S, Dp]
+    vbase = vd + 4 * (row0 * Wv + v_col + h * D)
     for j in range(S):
-        for c in range(D):
-            vp[t, j, c] = v3[0, row0 + j, vc + np.uint64(c)]
+        src = vbase + 4 * j * Wv
+        dst = vpa + 4 * j * Dp
+        for c in range(0, D16, _L):
+            _vst(dst + 4 * c, _vld(src + 4 * c))
+        for c in range(D16, D):
+            _vst_scalar(dst + 4 * c, _ld_scalar(src + 4 * c))
         for c in range(D, Dp):
-            vp[t, j, c] = 0.0
-    qc = q_col + h * D
-    nfull = S // 8
-    # scores
-    for c0 in range(0, Sp, NR):
-        for ib in range(nfull):
-            _mk8(q3, 0, row0 + ib * 8, qc, kt, t, D, c0, pw, t, ib * 8, c0, NR)
-        for i in range(nfull * 8, S):
-            _mk1(q3, 0, row0 + i, qc, kt, t, D, c0, pw, t, i, c0, NR)
-    for i in range(S):
-        _softmax_row(pw, t, i, S, scale, mask, b)
-    # context
-    oc = h * D
-    for c0 in range(0, Dp, NR):
-        nc = min(NR, D - c0)
-        for ib in range(nfull):
-            _mk8(pw, t, ib * 8, 0, vp, t, S, c0, out3, 0, row0 + ib * 8, oc + c0, nc)
-        for i in range(nfull * 8, S):
-            _mk1(pw, t, i, 0, vp, t, S, c0, out3, 0, row0 + i, oc + c0, nc)
+            _vst_scalar(dst + 4 * c, np.float32(0.0))
+    # the mask row (-inf past S) and the reciprocal sums after the 8 score rows
+    ma = pwa + 4 * MR * Sp
+    ra = ma + 4 * Sp
+    for j in range(Sp):
+        if j >= S:
+            _vst_scalar(ma + 4 * j, np.float32(-np.inf))
+        elif mask is None:
+            _vst_scalar(ma + 4 * j, np.float32(0.0))
+        else:
+            _vst_scalar(ma + 4 * j, mask[b, j])
+    n16 = (S + _L - 1) // _L * _L
+    lds = 4 * Sp
+    for i0 in range(0, S, MR):
+        nr = min(MR, S - i0)
+        qa = qd + 4 * ((row0 + i0) * Wq + q_col + h * D)
+        for j0 in range(0, S, NR):
+            _tile_scores(qa, 4 * Wq, nr, kta + 4 * j0, 4 * Sp, D, pwa + 4 * j0, lds, ma + 4 * j0, scale)
+        _softmax8(pwa, lds, n16, ra)
+        oa = od + 4 * ((row0 + i0) * Wo + h * D)
+        for c0 in range(0, D, NR):
+            _tile_context(pwa, lds, S, vpa + 4 * c0, 4 * Dp, ra, oa + 4 * c0, 4 * Wo, nr, D - c0)
 
 
 @njit(nogil=True, error_model="numpy", parallel=True, cache=True)
@@ -257,16 +696,48 @@ def attention_packed(q, k, v, q_col, k_col, v_col, mask, B, S, H, D, scale, out,
     :func:`make_workspace`; ``nth`` (<= ``kt.shape[0]``) is the number of
     parallel slots, normally ``numba.get_num_threads()``; slot ``t`` handles
     tasks ``t, t + nth, ...`` with workspace slice ``t``."""
-    q3 = q.reshape((1, q.shape[0], q.shape[1]))
-    k3 = k.reshape((1, k.shape[0], k.shape[1]))
-    v3 = v.reshape((1, v.shape[0], v.shape[1]))
-    out3 = out.reshape((1, out.shape[0], out.shape[1]))
+    qd = np.intp(q.ctypes.data)
+    kd = np.intp(k.ctypes.data)
+    vd = np.intp(v.ctypes.data)
+    od = np.intp(out.ctypes.data)
+    Wq, Wk, Wv, Wo = q.shape[1], k.shape[1], v.shape[1], out.shape[1]
+    Sp = kt.shape[2]
+    Dp = vp.shape[2]
+    ktd = np.intp(kt.ctypes.data)
+    vpd = np.intp(vp.ctypes.data)
+    pwd = np.intp(pw.ctypes.data)
+    kts = kt.strides[0]
+    vps = vp.strides[0]
+    pws = pw.strides[0]
     ntask = B * H
     for t in prange(nth):
         for task in range(t, ntask, nth):
             b = task // H
             h = task - b * H
-            _head(q3, k3, v3, q_col, k_col, v_col, mask, b, h, S, D, scale, out3, kt, vp, pw, t)
+            _head(
+                qd,
+                Wq,
+                kd,
+                Wk,
+                vd,
+                Wv,
+                od,
+                Wo,
+                q_col,
+                k_col,
+                v_col,
+                mask,
+                b,
+                h,
+                S,
+                D,
+                scale,
+                ktd + t * kts,
+                vpd + t * vps,
+                pwd + t * pws,
+                Sp,
+                Dp,
+            )
 
 
 def attention(q, k, v, mask, B, S, H, D, scale=None, q_col=0, k_col=0, v_col=0, out=None, workspace=None):
@@ -286,11 +757,16 @@ def attention(q, k, v, mask, B, S, H, D, scale=None, q_col=0, k_col=0, v_col=0, 
             raise ValueError("mask must be additive float32 [B, S]")
     if out is None:
         out = np.empty((B * S, H * D), dtype=np.float32)
+    if out.shape != (B * S, H * D) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 [{B * S}, {H * D}] array")
     if workspace is None:
         workspace = make_workspace(S, D)
     kt, vp, pw = workspace
-    if kt.shape[1:] != workspace_shapes(S, D, 1)[0][1:] or pw.shape[1] < S or vp.shape[1] < S:
-        raise ValueError("workspace does not match S / D")
-    nth = max(1, min(numba.get_num_threads(), kt.shape[0], B * H))
+    # the kernel addresses these through raw pointers: shapes, dtype and layout must be exact
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in workspace) or tuple(a.shape[1:] for a in workspace) != tuple(
+        s[1:] for s in workspace_shapes(S, D, 1)
+    ):
+        raise ValueError(f"workspace does not match S={S}, D={D}; use make_workspace(S, D)")
+    nth = max(1, min(numba.get_num_threads(), kt.shape[0], vp.shape[0], pw.shape[0], B * H))
     attention_packed(q, k, v, q_col, k_col, v_col, mask, B, S, H, D, np.float32(scale), out, kt, vp, pw, nth)
     return out

@@ -1,11 +1,12 @@
 """Fused multi-head attention kernel against the Attention op of the NumPy reference."""
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sparseinfer.graph import reference
-from sparseinfer.kernels.attention import attention, make_workspace
+from sparseinfer.kernels.attention import attention, attention_packed, exp_nonpositive, make_workspace
 from tests.tolerances import tolerance
 
 F32_MIN = np.finfo(np.float32).min  # the additive "masked" value exporters write (-3.4e38)
@@ -145,3 +146,84 @@ def test_attention_bert_shape_fully_masked_row():
     attention(qkv, qkv, qkv, mask, B, S, H, D, q_col=cols[0], k_col=cols[1], v_col=cols[2], out=out, workspace=ws)
     ref = expected(qkv, qkv, qkv, mask, B, S, H, D, 1 / 8.0, *cols)
     np.testing.assert_allclose(out, ref, **tolerance("attention", np.float32, k=D))
+
+
+@pytest.mark.parametrize(
+    "B,S,H,D",
+    [
+        (1, 128, 12, 64),  # BERT-base, one sequence
+        (2, 64, 2, 32),  # S and D multiples of the 32-wide tile
+        (1, 16, 1, 16),  # one 16 x 16 transpose block, a half-masked context tile
+        (2, 48, 3, 80),  # D = 80: a 16-column last context tile
+        (1, 130, 2, 64),  # S past a multiple of 32: a 2-row last block, scalar K^T edge
+        (1, 200, 1, 48),
+        (3, 8, 2, 64),  # one query block per head
+        (1, 5, 2, 96),  # S < 8: every block partial, keys padded from 5 to 32
+    ],
+)
+@pytest.mark.parametrize("mask_kind", ["none", "padded", "one_key", "real"])
+def test_attention_vector_paths_with_garbage_workspace(B, S, H, D, mask_kind):
+    """Shapes on and off the 16 / 32 / 8 blocking of the kernel, with the workspace full of NaN
+    beforehand: nothing the kernel did not write in this call may reach the output."""
+    rng = np.random.default_rng(B * 1000 + S * 10 + D)
+    hd = H * D
+    qkv = rng.standard_normal((B * S, 3 * hd)).astype(np.float32)
+    mask = make_mask(rng, mask_kind, B, S)
+    ws = make_workspace(S, D)
+    for w in ws:
+        w[...] = np.nan
+    out = np.full((B * S, hd), np.nan, np.float32)
+    cols = (0, hd, 2 * hd)
+    attention(qkv, qkv, qkv, mask, B, S, H, D, q_col=cols[0], k_col=cols[1], v_col=cols[2], out=out, workspace=ws)
+    ref = expected(qkv, qkv, qkv, mask, B, S, H, D, 1.0 / np.sqrt(D), *cols)
+    np.testing.assert_allclose(out, ref, **tolerance("attention", np.float32, k=D))
+
+
+def test_attention_result_does_not_depend_on_thread_count():
+    """Each (batch, head) task is computed the same way whichever slot runs it: bitwise equal."""
+    rng = np.random.default_rng(11)
+    B, S, H, D = 2, 40, 3, 64
+    qkv = rng.standard_normal((B * S, 3 * H * D)).astype(np.float32)
+    mask = make_mask(rng, "padded", B, S)
+    kt, vp, pw = make_workspace(S, D, 2)
+    outs = []
+    for nth in (1, 2):
+        out = np.empty((B * S, H * D), np.float32)
+        attention_packed(qkv, qkv, qkv, 0, H * D, 2 * H * D, mask, B, S, H, D, np.float32(0.125), out, kt, vp, pw, nth)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_attention_rejects_wrong_out_and_workspace():
+    rng = np.random.default_rng(12)
+    B, S, H, D = 1, 8, 2, 16
+    qkv = rng.standard_normal((B * S, 3 * H * D)).astype(np.float32)
+    args = (qkv, qkv, qkv, None, B, S, H, D)
+    kw = {"q_col": 0, "k_col": H * D, "v_col": 2 * H * D}
+    with pytest.raises(ValueError):
+        attention(*args, out=np.empty((B * S, H * D + 1), np.float32), **kw)
+    with pytest.raises(ValueError):
+        attention(*args, workspace=make_workspace(S + 1, D), **kw)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_vector_exp_matches_float64_exp(portable):
+    """The kernel's 16-lane exp (for softmax arguments x <= 0), with ``vscalefps`` and with the
+    integer 2^n of CPUs without AVX-512: ~2 ulp like ``exp_f32``, exactly 0 below -87.3365
+    (float32-min and -inf included), 1 at 0, NaN propagates."""
+    rng = np.random.default_rng(13)
+    x = np.concatenate(
+        [
+            -rng.uniform(0, 87.3, 4096),
+            -rng.uniform(0, 1e-3, 1024),
+            [0.0, -0.0, -1e-30, -87.33, -87.336, -87.34, -88.0, -100.0, -1e30, F32_MIN, -np.inf, np.nan, -0.5, -1.0, -2.0, -10.0],
+        ]
+    ).astype(np.float32)
+    out = np.empty_like(x)
+    exp_nonpositive(x, out, portable)
+    ref = np.exp(x.astype(np.float64))
+    normal = x >= np.float32(-87.3365478515625)
+    np.testing.assert_allclose(out[normal], ref[normal], **tolerance("exp", np.float32))
+    np.testing.assert_array_equal(out[~normal & ~np.isnan(x)], 0.0)
+    assert np.isnan(out[np.isnan(x)]).all()
+    assert out[x == 0].tolist() == [1.0, 1.0]
