@@ -682,6 +682,43 @@ def attention(q, k, v, mask=None, *, num_heads, scale, hidden=0, q_offset=0, k_o
     return (probs @ heads(v, v_offset)).transpose(0, 2, 1, 3).reshape(b, s, hd).astype(q.dtype)
 
 
+@register("Embedding", domain=ENGINE_DOMAIN)
+def embedding(scale, bias, *operands, terms, epsilon=1e-5):
+    """LayerNormalization(axis=-1, epsilon) of a sum of terms, added left to right in the input
+    dtype as the Add chain it replaces: `terms[i]` is "gather" (operands: a table and its indices,
+    ONNX Gather on axis 0) or "add" (one operand, broadcast to the sum's shape)."""
+    operands = list(operands)
+    total = None
+    for kind in terms:
+        if kind == "gather":
+            table, ids = operands.pop(0), operands.pop(0)
+            term = gather(table, ids)
+        elif kind == "add":
+            term = operands.pop(0)
+        else:
+            raise ValueError(f"Embedding: unknown term kind {kind!r} (expected 'gather' or 'add')")
+        total = term if total is None else total + term
+    if operands or total is None:
+        raise ValueError(f"Embedding: terms {list(terms)} do not match the {len(operands)} operands left over")
+    return layer_normalization(total, scale, bias, axis=-1, epsilon=epsilon)[0]
+
+
+@register("AttentionMaskRow", domain=ENGINE_DOMAIN)
+def attention_mask_row(mask, *, mode="mul", value=-3.4028234663852886e38):
+    """The additive attention mask row [B, 1, 1, S] from an integer padding mask [B, S], as
+    exporters compute it in float32 from d = 1 - Cast(mask): "mul" is d * value (eager
+    attention), "where" is Where(Cast(d, bool), value, d) (SDPA exports)."""
+    d = np.float32(1.0) - np.asarray(mask).astype(np.float32)
+    v = np.float32(value)
+    if mode == "where":
+        y = np.where(d != 0, v, d)
+    elif mode == "mul":
+        y = d * v
+    else:
+        raise ValueError(f"AttentionMaskRow: unknown mode {mode!r} (expected 'mul' or 'where')")
+    return y.astype(np.float32).reshape(d.shape[0], 1, 1, d.shape[-1])
+
+
 # --------------------------------------------------------------------------- the executor
 
 

@@ -587,6 +587,27 @@ def _attention(node, ins, vals):
     return [TensorInfo(ins[0].dtype, q if q is None or not hidden else tuple(q[:-1]) + (hidden,))]
 
 
+@rule("sparseinfer::Embedding")
+def _embedding(node, ins, vals):
+    # the shape of the sum: every gather term is ids.shape + (table width,); constants broadcast
+    shapes, k = [], 2
+    for kind in node.attrs["terms"]:
+        if kind == "gather":
+            t, i = ins[k].shape, ins[k + 1].shape
+            shapes.append(None if t is None or i is None else tuple(i) + tuple(t[1:]))
+            k += 2
+        else:
+            shapes.append(ins[k].shape)
+            k += 1
+    return [TensorInfo(ins[2].dtype, broadcast_shapes(*shapes))]
+
+
+@rule("sparseinfer::AttentionMaskRow")
+def _attention_mask_row(node, ins, vals):
+    m = ins[0].shape
+    return [TensorInfo(np.float32, None if m is None else (m[0], 1, 1, m[-1]))]
+
+
 # ------------------------------------------------------------------ driver
 
 

@@ -1,7 +1,16 @@
 """Graph rewrites: the pass manager, cleanup, fusions (later: sparsity layouts, int8)."""
 
 from .cleanup import eliminate_dead_code, eliminate_noops, fold_constants
-from .fusion import fuse_attention, fuse_dense, fuse_gelu, fuse_layernorm, merge_qkv, narrow_attention_mask
+from .fusion import (
+    fuse_attention,
+    fuse_attention_mask_row,
+    fuse_dense,
+    fuse_embedding,
+    fuse_gelu,
+    fuse_layernorm,
+    merge_qkv,
+    narrow_attention_mask,
+)
 from .manager import FunctionPass, IRDump, Pass, PassContext, PassError, PassInstrument, PassTimings, Sequential, function_pass
 from .quant_import import fuse_quantized_epilogue, import_quantized
 from .quantize import quantize_dense
@@ -25,6 +34,8 @@ def default_pipeline() -> Sequential:
             merge_qkv,  # after fuse_attention: only projections that feed one Attention are merged
             choose_sparse_layouts,  # after merge_qkv: the merged weight is the one that gets stored
             quantize_dense,  # after choose_sparse_layouts: int8 decides the storage of a quantized weight (dense or 4x1 blocks)
+            fuse_embedding,  # after fuse_layernorm: the embeddings' LayerNorm is one LayerNormalization by then
+            fuse_attention_mask_row,  # after narrow_attention_mask: Attention reads the mask row it computes
             eliminate_dead_code,
         ],
         name="default",
@@ -35,5 +46,5 @@ __all__ = [
     "FunctionPass", "IRDump", "Pass", "PassContext", "PassError", "PassInstrument", "PassTimings", "Sequential", "function_pass",
     "default_pipeline", "eliminate_dead_code", "eliminate_noops", "fold_constants",
     "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask", "choose_sparse_layouts", "quantize_dense", "SparsityConfig", "analyze_weight",
-    "import_quantized", "fuse_quantized_epilogue",
+    "import_quantized", "fuse_quantized_epilogue", "fuse_embedding", "fuse_attention_mask_row",
 ]  # fmt: skip

@@ -572,3 +572,194 @@ def _same_input_quantization(graph: Graph, nodes: list[Node]) -> bool:
             if (a is None) != (b is None) or (a is not None and not (a.dtype == b.dtype and np.array_equal(a, b))):
                 return False
     return True
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _embedding_terms(graph: Graph, ix: Index, name: str, shape: tuple) -> list[tuple[str, ...]] | None:
+    """The terms of the Add chain computing `name`, in the order it adds them: ((t0 + t1) + t2)...
+    A term is ("gather", table, ids) for a Gather of a constant float32 [n, H] table (read only
+    by the chain) or ("add", const) for a float32 constant that broadcasting does not widen."""
+    p = ix.producer(name)
+    if p is not None and p.op == "Add" and p.domain == "":
+        a, b = p.inputs
+        a_sum, b_sum = (_is_inner_add(ix, i) for i in (a, b))
+        if a_sum and b_sum:
+            return None  # (a + b) + (c + d) is not a left-to-right sum
+        head, tail = (b, a) if b_sum else (a, b)  # float addition commutes exactly: a + b == b + a
+        terms = _embedding_terms(graph, ix, head, shape) if a_sum or b_sum else _embedding_leaf(graph, ix, head, shape)
+        leaf = _embedding_leaf(graph, ix, tail, shape)
+        if terms is None or leaf is None:
+            return None
+        return terms + leaf
+    return _embedding_leaf(graph, ix, name, shape)
+
+
+def _is_inner_add(ix: Index, name: str) -> bool:
+    p = ix.producer(name, "Add")
+    return p is not None and ix.only_consumer(name) is not None
+
+
+def _embedding_leaf(graph: Graph, ix: Index, name: str, shape: tuple) -> list[tuple[str, ...]] | None:
+    c = graph.const(name)
+    if c is not None:
+        fits = c.ndim <= len(shape) and all(d in (1, s) for d, s in zip(c.shape[::-1], shape[::-1]))
+        return [("add", name)] if fits and c.dtype == np.float32 else None
+    g = ix.producer(name, "Gather")
+    if g is None or ix.only_consumer(name) is None or graph.info(name).shape != shape:
+        return None
+    table, ids = g.inputs
+    t = graph.const(table)
+    if t is None or t.dtype != np.float32 or t.ndim != 2 or g.attrs.get("axis", 0) not in (0, -2):
+        return None
+    if graph.info(ids).dtype not in (np.int64, np.int32):
+        return None
+    return [("gather", table, ids)]
+
+
+def _fuse_embedding(graph: Graph, ix: Index, ln: Node):
+    """Gather(word, ids) [+ Gather(type, type_ids)] [+ positions] → LayerNormalization → Embedding."""
+    x = ln.inputs[0]
+    info = graph.info(x)
+    if info.dtype != np.float32 or not info.is_static or info.rank is None or info.rank < 2:
+        return None
+    if ln.attrs.get("axis", -1) % info.rank != info.rank - 1 or any(o for o in ln.outputs[1:]):
+        return None
+    scale = ln.inputs[1]
+    bias = ln.inputs[2] if len(ln.inputs) > 2 else ""
+    if graph.const(scale) is None or (bias and graph.const(bias) is None) or ix.only_consumer(x) is None:
+        return None
+    terms = _embedding_terms(graph, ix, x, tuple(info.shape))
+    if terms is None or not any(t[0] == "gather" for t in terms):
+        return None
+    inputs = (scale, bias) + tuple(i for t in terms for i in t[1:])
+    attrs = {"terms": tuple(t[0] for t in terms), "epsilon": float(ln.attrs.get("epsilon", 1e-5))}
+    return ln, [Node("Embedding", inputs, ln.outputs[:1], attrs, name=ln.name or "embedding", domain=ENGINE_DOMAIN)]
+
+
+@function_pass("fuse_embedding", opt_level=2, requires=("fold_constants",))
+def fuse_embedding(graph: Graph, ctx: PassContext) -> int:
+    """Embedding lookups summed, then LayerNorm over the last axis → one Embedding op (one pass
+    over each token's row instead of a Gather, an Add and the LayerNorm each touching all of it).
+    Off with `pass_config={"fuse_embedding": False}`."""
+    if not ctx.config.get("fuse_embedding", True):
+        return 0
+    return _rewrite(graph, {"LayerNormalization": _fuse_embedding})
+
+
+# ----------------------------------------------------------------------------- the mask row
+
+_MASK_OPS = _ELEMENTWISE | {"Unsqueeze", "Squeeze", "Slice"}
+
+
+def _mask_subgraph(graph: Graph, ix: Index, name: str) -> tuple[str, list[Node]] | None:
+    """The single graph input `name` is computed from, and the nodes computing it (in graph
+    order), if they are all cheap elementwise or layout ops and every other input is a constant."""
+    nodes: dict[int, Node] = {}
+    sources: set[str] = set()
+    todo = [name]
+    while todo:
+        v = todo.pop()
+        if graph.const(v) is not None:
+            continue
+        if v in graph.inputs:
+            sources.add(v)
+            continue
+        p = ix.producer(v)
+        if p is None or p.domain != "" or p.op not in _MASK_OPS:
+            return None
+        if id(p) not in nodes:
+            nodes[id(p)] = p
+            todo.extend(i for i in p.inputs if i)
+    if len(sources) != 1:
+        return None
+    order = {id(n): k for k, n in enumerate(graph.nodes)}
+    return sources.pop(), sorted(nodes.values(), key=lambda n: order[id(n)])
+
+
+def _mask_probes(shape: tuple[int, int], dtype: np.dtype) -> list[np.ndarray]:
+    """Masks that tell the mask formulas apart and pin down where each position goes: all ones,
+    all zeros, a random 0/1 pattern, and unusual values (2, -1, huge) at shifting positions."""
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    odd = np.array([0, 1, 2, -1, 3, -7, 100, (1 << 24) + 1, info.max, info.min, 1 << 30, 5], dtype)
+    n = int(np.prod(shape))
+    probes = [np.ones(shape, dtype), np.zeros(shape, dtype), rng.integers(0, 2, shape).astype(dtype)]
+    probes += [np.resize(np.roll(odd, k), n).reshape(shape) for k in range(len(odd))]
+    return probes
+
+
+def _run_nodes(graph: Graph, nodes: list[Node], feeds: dict[str, np.ndarray], out: str) -> np.ndarray | None:
+    env = dict(feeds)
+    for node in nodes:
+        fn = lookup_version(node.op, node.version, node.domain).fn
+        args = [env[i] if i in env else graph.const(i) if i else None for i in node.inputs]
+        try:
+            res = fn(*args, **node.attrs)
+        except (ValueError, TypeError, IndexError, ArithmeticError):
+            return None
+        for o, r in zip(node.outputs, res if isinstance(res, tuple) else (res,)):
+            env[o] = np.asarray(r)
+    return env.get(out)
+
+
+def _same_bits(a: np.ndarray | None, b: np.ndarray) -> bool:
+    return a is not None and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@function_pass("fuse_attention_mask_row", opt_level=2, requires=("fuse_attention",))
+def fuse_attention_mask_row(graph: Graph, ctx: PassContext) -> int:
+    """The chain exporters compute the additive mask row [B, 1, 1, S] with from the integer
+    padding mask (Unsqueeze, Expand, Cast, 1 - m, Cast, Where or * big_negative, then the row
+    Slice of `narrow_attention_mask`) → one AttentionMaskRow op. The chain must be elementwise
+    and layout ops of that one input and constants; which formula it computes ("where" or
+    "mul", with which constant) is found by running it and the candidates on probe masks
+    (ones, zeros, random 0/1, odd values at every position): only an exact (bitwise) match on
+    all of them is rewritten. Off with `pass_config={"fuse_attention_mask_row": False}`."""
+    if not ctx.config.get("fuse_attention_mask_row", True):
+        return 0
+    ix, changed, seen = Index(graph), 0, set()
+    for node in graph.nodes:
+        if node.domain != ENGINE_DOMAIN or node.op != "Attention" or len(node.inputs) < 4 or node.inputs[3] in seen:
+            continue
+        row = node.inputs[3]
+        seen.add(row)
+        rewrite = _mask_row_node(graph, ix, row)
+        if rewrite is not None:
+            graph.replace_node(*rewrite)
+            ix = Index(graph)
+            changed += 1
+    if changed:
+        graph.remove_unused()
+    return changed
+
+
+def _mask_row_node(graph: Graph, ix: Index, row: str) -> tuple[Node, Node] | None:
+    info = graph.info(row)
+    producer = ix.producer(row)
+    if producer is None or info.dtype != np.float32 or not info.is_static or info.rank != 4 or info.shape[1:3] != (1, 1):
+        return None
+    found = _mask_subgraph(graph, ix, row)
+    if found is None:
+        return None
+    mask, nodes = found
+    mi = graph.info(mask)
+    if mi.dtype not in (np.int64, np.int32) or not mi.is_static or mi.rank != 2 or info.shape != (mi.shape[0], 1, 1, mi.shape[1]):
+        return None
+    consts = [c for n in nodes for i in n.inputs if (c := graph.const(i)) is not None and c.size == 1 and c.dtype.kind == "f"]
+    constants = {float(c.reshape(-1)[0]) for c in consts} - {0.0, 1.0}
+    probes = _mask_probes(mi.shape, mi.dtype)
+    fn = lookup_version("AttentionMaskRow", 1, ENGINE_DOMAIN).fn
+    with np.errstate(all="ignore"):  # the odd probe values overflow (1 - 2**62) * big: as they would at run time
+        outs = [_run_nodes(graph, nodes, {mask: p}, row) for p in probes]
+        matches = [
+            (mode, value)
+            for mode in ("where", "mul")
+            for value in sorted(constants)
+            if all(_same_bits(o, fn(p, mode=mode, value=value)) for o, p in zip(outs, probes))
+        ]
+    if not matches:
+        return None
+    attrs = {"mode": matches[0][0], "value": matches[0][1]}
+    return producer, Node("AttentionMaskRow", (mask,), (row,), attrs, name=producer.name or "attention_mask_row", domain=ENGINE_DOMAIN)

@@ -25,6 +25,7 @@ from ..kernels import dense as k_dense
 from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 from ..kernels.sparse_formats import aligned_empty
+from .embedding_lowering import lower_attention_mask_row, lower_embedding
 from .int8_lowering import find_int8_chains, lower_dense_int8
 from .quant_lowering import lower_integer_matmul, lower_qdense
 from .sparse_lowering import find_chains, lower_sparse_dense
@@ -81,6 +82,9 @@ class Plan:
             step = lower_qdense(self, node)
         elif node.domain == "" and node.op in ("MatMulInteger", "QLinearMatMul"):  # integer inputs: not the float32 check below
             return lower_integer_matmul(self, node) or self._reference(node)
+        elif node.domain == ENGINE_DOMAIN and node.op in ("Embedding", "AttentionMaskRow"):  # integer or constant first inputs
+            lower = lower_embedding if node.op == "Embedding" else lower_attention_mask_row
+            return lower(self, node) or self._reference(node)
         elif node.domain == ENGINE_DOMAIN and node.op == "Attention":
             step = self._lower_attention(node)
         elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):
