@@ -89,6 +89,8 @@ class Plan:
             step = self._lower_attention(node)
         elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):
             step = self._lower_layernorm(node)
+        elif node.domain == "" and node.op == "Gather" and g.const(node.inputs[1]) is not None:
+            step = self._lower_gather(node)
         elif node.domain == "" and node.op == "Gelu" and node.attrs.get("approximate", "none") == "none":
             step = self._kernel(node, lambda env, out, arena, x=node.inputs[0]: k_elementwise.gelu(_rows(env[x]), _out_rows(out)))
         else:
@@ -156,6 +158,29 @@ class Plan:
             return None
         eps = np.float32(node.attrs.get("epsilon", 1e-5))
         return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _out_rows(out)))
+
+    def _lower_gather(self, node: Node) -> Step | None:
+        """A Gather of float32 data with constant, in-range indices: a copy kernel (a reference
+        step would raise on a bad index; that path keeps its error)."""
+        g = self.graph
+        x, idx = node.inputs
+        shape = g.info(x).shape
+        axis = node.attrs.get("axis", 0)
+        if not -len(shape) <= axis < len(shape):
+            return None
+        axis %= len(shape)
+        dim = shape[axis]
+        ids = np.asarray(g.const(idx))
+        if ids.dtype.kind not in "iu" or ((ids < -dim) | (ids >= dim)).any():
+            return None
+        flat = np.ascontiguousarray(np.where(ids < 0, ids + dim, ids).reshape(-1), np.int64)
+        pre, post = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1 :]))
+        x_shape, out_shape = (pre, dim, post), (pre, flat.size, post)
+
+        def call(env, out, arena):
+            k_elementwise.take(np.ascontiguousarray(env[x]).reshape(x_shape), flat, out.reshape(out_shape))
+
+        return self._kernel(node, call)
 
     def _lower_attention(self, node: Node) -> Step | None:
         g = self.graph

@@ -338,6 +338,33 @@ def test_layernorm_with_a_broadcast_scale_matches_onnxruntime():
     assert_outputs_close(plan.run({"x": x}), onnxruntime_outputs(m, {"x": x}), {"atol": MODEL_ATOL, "rtol": MODEL_RTOL})
 
 
+@pytest.mark.parametrize(
+    "axis, ids",
+    [
+        (1, np.array(0, np.int64)),  # the [CLS] row before BERT's pooler: a scalar index drops the axis
+        (1, np.array([3, -1, 0], np.int64)),
+        (0, np.array([[1, 0], [1, 1]], np.int32)),
+        (-1, np.array(-2, np.int64)),
+    ],
+)
+def test_gather_with_constant_indices_runs_on_a_kernel_and_matches_onnxruntime(axis, ids):
+    m = model([helper.make_node("Gather", ["x", "i"], ["y"], axis=axis)], {"x": [2, 5, 6]}, {"i": ids})
+    x = np.random.default_rng(3).standard_normal((2, 5, 6)).astype(np.float32)
+    plan = Plan(optimised(m))
+    assert step_of(plan, "Gather").kind == "kernel"
+    ours, theirs = plan.run({"x": x}), onnxruntime_outputs(m, {"x": x})
+    assert ours[0].shape == theirs[0].shape
+    np.testing.assert_array_equal(ours[0], theirs[0])  # a copy: exact
+
+
+def test_gather_with_an_out_of_range_constant_index_keeps_the_reference_error():
+    m = model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)], {"x": [2, 5]}, {"i": np.array([5], np.int64)})
+    plan = Plan(optimised(m))
+    assert step_of(plan, "Gather").kind == "reference"
+    with pytest.raises(Exception, match="out of range"):
+        plan.run({"x": np.zeros((2, 5), np.float32)})
+
+
 # ----------------------------------------------------------------------------- static shapes
 
 
