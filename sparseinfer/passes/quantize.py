@@ -64,7 +64,9 @@ INT8_SPARSE_BLOCK = [4, 1]
 # fp32; see kernels/attention_int8.py): 2.2-3x faster attention (BERT-base shapes, 2 threads). It
 # did not measurably change the int8 model's accuracy, whose error comes from the Dense layers
 # (`benchmarks/bench_int8.py`): BERT-base (random weights, 8 x 128 tokens) max logit error 1.56%
-# of the range with it, 1.73% without; all-MiniLM-L6-v2 embeddings vs fp32, cosine min 0.9986.
+# of the range with it, 1.73% without (2.34% with the current fp32 attention kernel, whose
+# roundings differ: which int8 step an activation falls on moves with them, so the figure without
+# varies by this much); all-MiniLM-L6-v2 embeddings vs fp32, cosine min 0.9986.
 QUANTIZE_ATTENTION = True
 
 
