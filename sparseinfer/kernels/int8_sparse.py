@@ -68,7 +68,11 @@ group, so no relayout either.  Same values, same division and rounding: the
 result equals two separate calls bit for bit.  What it saves is the
 first call's transposed stores into ``out`` (for N = 3072 the costly,
 set-conflicting ones above) and the second call's row-major read, row
-quantization and relayout.
+quantization and relayout.  Measured on the 90% (4x1) pruned int8 BERT-base,
+batch 1, sequence 128, 2 threads, chained and unchained engines alternating
+in one process (Zen 5, load < 1): run median 8.76 -> 8.33 ms, and in
+``Engine.profile`` the attention-output + FF1 + FF2 steps of the 12 layers
+4.72-4.79 -> 4.27-4.36 ms.
 
 Without AVX512-VNNI ``_dpbusd`` is the exact ``pmaddwd`` emulation of the
 dense int8 module, chosen when the kernel is compiled.
