@@ -56,32 +56,48 @@ the fp32 kernel; each thread owns a slice of one float32 workspace
 (:func:`workspace_shapes`, viewed as int32 / bytes inside; the regions are
 one cache line apart so rows read and written in the same loop are not a
 multiple of 4 KiB apart: that "4K aliasing" cost 12 %), no allocation in the
-parallel loop.  Per head: quantize and pack K and V, then per block of
-:data:`MR` = 8 query rows (its scores, 8 x S floats, stay in L1): quantize the
-8 Q rows; 8 x 32 register tiles of ``vpdpbusd`` over ``D/4`` groups (16 int32
-zmm accumulators, 2 loads + 8 broadcasts per 16 ``vpdpbusd``, the
-:mod:`sparseinfer.kernels.int8` micro-kernel on the layouts above) into an
-int32 block; then per 4 rows one pass for the dequantization, mask and row
-max (exact, on order-preserving int32 keys of the floats so it vectorises)
-and one for exp, quantization and row sum (the rows are short, so a pass
-over 4 rows at once halves the fixed cost of the loops, 35 -> 25 ns per
-row); the same 8 x 32 tile over ``S/4`` key groups for the context, whose
-epilogue writes ``out``.  Indices are unsigned throughout (a signed index
-makes Numba emit a wraparound select that turns contiguous accesses into
-gathers).
+parallel loop.  Below the per-head function every call takes only scalars and
+raw byte addresses (``<16 x float>`` / ``<16 x i32>`` intrinsics, as the fp32
+kernel): a Numba array argument of a call that is not inlined costs atomic
+reference-count updates on entry and exit (and a dozen words of argument
+passing); with per-tile calls taking arrays that was 15 % of the 1-thread call
+(0.198 -> 0.169 ms at B=1 S=128).
+
+Per head: quantize and pack K (16 keys at a time: per key max, scale and
+quantization on vectors, the 16 quantized keys transposed by
+:func:`sparseinfer.kernels.csr.transpose16` into ``[D/4, Skp]`` words) and V
+(one pass for the column maxima, then 4 keys x 16 columns per packed store),
+and the mask row (``-inf`` on the padding keys); then per block of :data:`MR`
+= 8 query rows (its scores, 8 x S floats, stay in L1): quantize the 8 Q rows
+(4 in lockstep; the next block's rows are prefetched: the rows of a head are
+``W`` floats apart, too far for the hardware prefetchers; software prefetch of
+K, V and Q rows gained 1-2 %); 8 x 32 register tiles of ``vpdpbusd`` over
+``D/4`` groups (16 int32 zmm accumulators, 2 loads + 8 broadcasts per 16
+``vpdpbusd``, the :mod:`sparseinfer.kernels.int8` micro-kernel on the layouts
+above) whose epilogue does the dequantization, scale and mask and stores the
+fp32 scores; an 8-row lockstep softmax (exact row max, exp, quantization to
+bytes by the register form of ``vpmovdb``, row sums); the same 8 x 32 tile
+over ``S/4`` key groups for the context, whose epilogue writes ``out``.  The
+vector forms need ``D % 64 == 0`` (K) / ``D % 16 == 0`` (Q, V); other D use
+the scalar loops (:func:`_prep_k`, :func:`_prep_v`, :func:`_prep_q4`), same
+results bit for bit.  Indices in those are unsigned (a signed index makes
+Numba emit a wraparound select that turns contiguous accesses into gathers).
 
 Hot loop (``inspect_asm`` of :func:`attention_int8_packed`, AVX512-VNNI), the
 same for scores and context, unrolled by 2 groups: 4 ``vmovdqu64`` + 16
-``vpbroadcastd`` + 32 ``vpdpbusd zmm`` + 11 ``addq`` + ``jne``; without VNNI
-``_dpbusd`` falls back to ``vpmaddwd``, see :data:`DOT_INSTRUCTION`.
+``vpbroadcastd`` + 32 ``vpdpbusd zmm`` + loop overhead; without VNNI
+``_dpbusd`` falls back to ``vpmaddwd``, see :data:`DOT_INSTRUCTION`; without
+AVX-512 LLVM splits the 16-lane vectors.
 
-Speed (Zen 5, 2 threads, same process, alternating with the fp32 kernel,
-medians): B=1 S=128 0.117 ms (fp32 0.287), B=8 S=128 1.03 ms (2.35), S=64
-0.048 / 0.38 ms (0.094 / 0.70), S=384 0.62 / 5.9 ms (1.95 / 16.5): 1.8-2x
-at S=64, 2.3-2.5x at S=128, 2.8-3.1x at S=384.  At S=128 a head takes
-~15 us on one core, of which the two matmuls are ~4.5 us (at the
-``vpdpbusd`` peak); the rest is the quantization of Q, K, V (~4.5 us), the
-dequantization (~2 us), the softmax (~2 us) and the output epilogue.
+Speed (Zen 5, 2 threads, same process, alternating calls with the previous
+version of this kernel, medians of 400 rounds, load average 0.86;
+``/tmp``-copy A/B script): B=1 S=128 0.085 ms (was 0.115), B=8 S=128 0.70 ms
+(0.96); 150 rounds, load 0.96: B=1 S=64 0.032 ms (0.044), B=1 S=384 0.52 ms
+(0.60).  The fp32 kernel (:mod:`sparseinfer.kernels.attention`) takes 0.139 ms
+at B=1 S=128.  At S=128 a head takes ~13 us on one core (the 1-thread call,
+12 heads: 0.169 ms): the two matmuls ~5 us, the softmax ~2 us, the rest the
+quantization of Q, K, V (mostly waiting for the strided QKV rows) and the
+per-head setup.
 
 NumPy reference: the fp32 semantics it approximates are those of
 :mod:`sparseinfer.kernels.attention` and ``sparseinfer.graph.reference.attention``;
@@ -95,9 +111,28 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from sparseinfer.kernels.int8 import DOT_INSTRUCTION, HAS_VNNI, _dpbusd, _f32_from_bits, _ordered, _vbcast, _vload, _vstore, _vzero
+from sparseinfer.kernels.attention import (
+    _hmax,
+    _hsum,
+    _ld_scalar,
+    _vadd,
+    _vbc,
+    _vld,
+    _vmax,
+    _vmul,
+    _vset,
+    _vst,
+    _vst_scalar,
+    _vstn,
+    _vsub,
+    f32x16,
+)
+from sparseinfer.kernels.attention import _vzero as _fzero
+from sparseinfer.kernels.csr import transpose16
+from sparseinfer.kernels.int8 import DOT_INSTRUCTION, HAS_VNNI, _dpbusd, _f32_from_bits, _ordered, _vstore, _vzero, i32x16
 from sparseinfer.kernels.sparse_formats import aligned_empty
 
 __all__ = [
@@ -121,19 +156,295 @@ _ALIGN = 16  # workspace regions start on 64-byte boundaries (16 words)
 _TINY = np.float32(2.0**-64)  # below this max magnitude, scale by _BIG before the reciprocal
 _BIG = np.float32(2.0**64)
 _ABS = np.int32(0x7FFFFFFF)
-_KEY_MIN = np.int32(-(2**31) + 1)  # below the order-preserving key of any float32 but NaN
+
+
+# --------------------------------------------------------------------------
+# <16 x i32> / <16 x float> helpers on raw byte addresses (generic LLVM IR: without AVX-512
+# LLVM splits them into narrower vectors, so the portable build keeps working)
+# --------------------------------------------------------------------------
+
+_VI32 = ir.VectorType(ir.IntType(32), 16)
+_VF32 = ir.VectorType(ir.FloatType(), 16)
+_VI8 = ir.VectorType(ir.IntType(8), 16)
+_I8P = ir.PointerType(ir.IntType(8))
+_PF = 8  # rows prefetched ahead: the head's rows are W floats apart, too far for the hardware prefetchers
+
+
+def _isplat(builder, x):
+    v = builder.insert_element(ir.Constant(_VI32, None), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_VI32, None), ir.Constant(_VI32, [0] * 16))
+
+
+def _fsplat(builder, x):
+    v = builder.insert_element(ir.Constant(_VF32, None), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_VF32, None), ir.Constant(_VI32, [0] * 16))
+
+
+def _fconst(x):
+    return ir.Constant(_VF32, [float(np.float32(x))] * 16)
+
+
+def _fmin(b, x, y):
+    return b.select(b.fcmp_ordered("<", x, y), x, y)
+
+
+def _fmax(b, x, y):
+    return b.select(b.fcmp_ordered(">", x, y), x, y)
+
+
+def _rint(builder, x):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF32, [_VF32]), "llvm.rint.v16f32")
+    return builder.call(fn, [x])
+
+
+def _trunc8(context, builder, v):
+    """The low bytes of the 16 int32 lanes of ``v``.  With AVX-512 by the register form of
+    ``vpmovdb`` (a plain ``trunc`` followed by a store becomes the memory form, which is
+    several times slower)."""
+    if "+avx512f" in context.codegen().magic_tuple()[2].split(","):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VI8, [_VI32, _VI8, ir.IntType(16)]), "llvm.x86.avx512.mask.pmov.db.512"
+        )
+        return builder.call(fn, [v, ir.Constant(_VI8, None), ir.Constant(ir.IntType(16), 0xFFFF)])
+    return builder.trunc(v, _VI8)
 
 
 @intrinsic
-def _bits_of(typingctx, x):
-    """The 32 bits of a float32 as an int32."""
-    if x != types.float32:
-        return None
+def _ildv(typingctx, addr):
+    """16 int32 from byte address ``addr``."""
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
+        return builder.load(builder.inttoptr(args[0], _VI32.as_pointer()), align=4)
 
-    return types.int32(x), codegen
+    return i32x16(types.intp), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Prefetch the cache line of byte address ``addr`` into L1 (never faults)."""
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8P, i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.inttoptr(args[0], _I8P), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(types.intp), codegen
+
+
+@intrinsic
+def _ibc(typingctx, addr):
+    """The int32 at byte address ``addr`` in all 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _isplat(builder, builder.load(builder.inttoptr(args[0], ir.IntType(32).as_pointer()), align=1))
+
+    return i32x16(types.intp), codegen
+
+
+@intrinsic
+def _ld_i32(typingctx, addr):
+    def codegen(context, builder, sig, args):
+        return builder.load(builder.inttoptr(args[0], ir.IntType(32).as_pointer()), align=4)
+
+    return types.int32(types.intp), codegen
+
+
+@intrinsic
+def _st_i32(typingctx, addr, x):
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], builder.inttoptr(args[0], ir.IntType(32).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.int32), codegen
+
+
+@intrinsic
+def _istv(typingctx, addr, v):
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], builder.inttoptr(args[0], _VI32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, i32x16), codegen
+
+
+@intrinsic
+def _dq(typingctx, acc, z, k):
+    """``float(acc - z * k)`` lane-wise (``z`` an int32 scalar)."""
+
+    def codegen(context, builder, sig, args):
+        zk = builder.mul(_isplat(builder, args[1]), args[2])
+        return builder.sitofp(builder.sub(args[0], zk), _VF32)
+
+    return f32x16(i32x16, types.int32, i32x16), codegen
+
+
+@intrinsic
+def _i2f(typingctx, acc):
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _VF32)
+
+    return f32x16(i32x16), codegen
+
+
+@intrinsic
+def _exp255v(typingctx, x):
+    """255 exp(x) on 16 lanes ``x <= 0``: ``2^t``, ``t = max(x log2(e), -126)`` split into
+    ``n + f``, the polynomial of :data:`_C0` ... (by FMAs) times ``2^n`` built from its exponent
+    bits; 8.6e-5 relative down to e^-87 (then 255 * 2^-126, 3e-36; ``-inf`` gives 3e-36)."""
+
+    def codegen(context, builder, sig, args):
+        def fma(a, b, c):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF32, [_VF32] * 3), "llvm.fma.v16f32")
+            return builder.call(fn, [a, b, c])
+
+        t = _fmax(builder, builder.fmul(args[0], _fconst(_LOG2E)), _fconst(-126.0))
+        fl = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF32, [_VF32]), "llvm.floor.v16f32")
+        n = builder.call(fl, [t])
+        f = builder.fsub(t, n)
+        p = fma(fma(fma(_fconst(_C3), f, _fconst(_C2)), f, _fconst(_C1)), f, _fconst(_C0))
+        bits = builder.shl(builder.add(builder.fptosi(n, _VI32), ir.Constant(_VI32, [127] * 16)), ir.Constant(_VI32, [23] * 16))
+        return builder.fmul(p, builder.bitcast(bits, _VF32))
+
+    return f32x16(f32x16), codegen
+
+
+@intrinsic
+def _st_u8(typingctx, addr, e):
+    """Store ``rint(e)`` (lanes in [0, 255]) as 16 bytes at ``addr``."""
+
+    def codegen(context, builder, sig, args):
+        v = _trunc8(context, builder, builder.fptosi(_rint(builder, args[1]), _VI32))
+        builder.store(v, builder.inttoptr(args[0], _VI8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, f32x16), codegen
+
+
+@intrinsic
+def _st_i8(typingctx, addr, v):
+    """Store the low bytes of the 16 int32 lanes of ``v`` at ``addr``."""
+
+    def codegen(context, builder, sig, args):
+        builder.store(_trunc8(context, builder, args[1]), builder.inttoptr(args[0], _VI8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, i32x16), codegen
+
+
+@intrinsic
+def _qs8v(typingctx, x, pre, inv):
+    """``clip(rint((x * pre) * inv), -127, 127)`` as int32 lanes (``pre``, ``inv`` vectors)."""
+
+    def codegen(context, builder, sig, args):
+        y = _rint(builder, builder.fmul(builder.fmul(args[0], args[1]), args[2]))
+        y = _fmin(builder, _fmax(builder, y, _fconst(-127.0)), _fconst(127.0))
+        return builder.fptosi(y, _VI32)
+
+    return i32x16(f32x16, f32x16, f32x16), codegen
+
+
+@intrinsic
+def _qu8v(typingctx, x, pre, inv, zp):
+    """``clip(rint((x * pre) * inv) + zp, 0, 255)`` as int32 lanes (scalars ``pre, inv, zp``)."""
+
+    def codegen(context, builder, sig, args):
+        y = builder.fmul(builder.fmul(args[0], _fsplat(builder, args[1])), _fsplat(builder, args[2]))
+        y = builder.fadd(_rint(builder, y), _fsplat(builder, args[3]))
+        y = _fmin(builder, _fmax(builder, y, _fconst(0.0)), _fconst(255.0))
+        return builder.fptosi(y, _VI32)
+
+    return i32x16(f32x16, types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def _pack4(typingctx, a, b, c, d):
+    """``(a & 255) | (b & 255) << 8 | (c & 255) << 16 | d << 24`` lane-wise."""
+
+    def codegen(context, builder, sig, args):
+        m = ir.Constant(_VI32, [255] * 16)
+        r = builder.and_(args[0], m)
+        r = builder.or_(r, builder.shl(builder.and_(args[1], m), ir.Constant(_VI32, [8] * 16)))
+        r = builder.or_(r, builder.shl(builder.and_(args[2], m), ir.Constant(_VI32, [16] * 16)))
+        return builder.or_(r, builder.shl(args[3], ir.Constant(_VI32, [24] * 16)))
+
+    return i32x16(i32x16, i32x16, i32x16, i32x16), codegen
+
+
+@intrinsic
+def _iadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return i32x16(i32x16, i32x16), codegen
+
+
+def _ireduce(builder, v, op):
+    for half in (8, 4, 2, 1):
+        mask = [(i + half) % 16 for i in range(16)]
+        v = op(v, builder.shuffle_vector(v, ir.Constant(_VI32, None), ir.Constant(_VI32, mask)))
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@intrinsic
+def _ihsum(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return _ireduce(builder, args[0], builder.add)
+
+    return types.int32(i32x16), codegen
+
+
+@intrinsic
+def _keys(typingctx, addr):
+    """Order-preserving int32 keys (:func:`_ordered`) of the 16 floats at ``addr``."""
+
+    def codegen(context, builder, sig, args):
+        b = builder.load(builder.inttoptr(args[0], _VI32.as_pointer()), align=4)
+        s = builder.and_(builder.ashr(b, ir.Constant(_VI32, [31] * 16)), ir.Constant(_VI32, [0x7FFFFFFF] * 16))
+        return builder.xor(b, s)
+
+    return i32x16(types.intp), codegen
+
+
+@intrinsic
+def _imin(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.icmp_signed("<", args[0], args[1]), args[0], args[1])
+
+    return i32x16(i32x16, i32x16), codegen
+
+
+@intrinsic
+def _imax(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.icmp_signed(">", args[0], args[1]), args[0], args[1])
+
+    return i32x16(i32x16, i32x16), codegen
+
+
+@intrinsic
+def _ihmin(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return _ireduce(builder, args[0], lambda x, y: builder.select(builder.icmp_signed("<", x, y), x, y))
+
+    return types.int32(i32x16), codegen
+
+
+@intrinsic
+def _ihmax(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return _ireduce(builder, args[0], lambda x, y: builder.select(builder.icmp_signed(">", x, y), x, y))
+
+    return types.int32(i32x16), codegen
+
+
+@intrinsic
+def _vabs(typingctx, v):
+    def codegen(context, builder, sig, args):
+        b = builder.and_(builder.bitcast(args[0], _VI32), ir.Constant(_VI32, [0x7FFFFFFF] * 16))
+        return builder.bitcast(b, _VF32)
+
+    return f32x16(f32x16), codegen
 
 
 def _round_up(x, m):
@@ -145,14 +456,17 @@ def _layout(S, D):
     """Word offsets of the per-thread regions and the words per thread.
 
     kq [Dg, Skp] words (4 int8 each), ksc / ksum [Skp], vq [Sg, Dcp] words,
-    vsc / vinv / vpre [Dcp], qq [MR, Dg] words, qs / qz / rs [MR], acc [MR, max(Skp, Dcp)]
-    int32, sc [MR, Skp] float32, eq [MR, Sg] words, ktmp [Dg] words (one quantized key).
+    vsc / vinv / vpre [Dcp], qq [MR, Dg] words, qs / qz / rs [MR], (an empty region: the int32
+    block of the scores and context, now kept in the tiles' registers), sc [MR, Skp] float32,
+    eq [MR, Se] words (``Se = 4 ceil(S/16)``: whole 16-byte stores), ktmp [16, Dg] words (16
+    quantized keys before their transposition), the mask row [Skp] float32.
     """
     Dg = (D + 3) // 4
     Sg = (S + 3) // 4
     Skp = (S + KB - 1) // KB * KB
     Dcp = (D + KB - 1) // KB * KB
-    sizes = (Dg * Skp, Skp, Skp, Sg * Dcp, Dcp, Dcp, Dcp, MR * Dg, MR, MR, MR, MR * max(Skp, Dcp), MR * Skp, MR * Sg, Dg)
+    Se = (S + 15) // 16 * 4
+    sizes = (Dg * Skp, Skp, Skp, Sg * Dcp, Dcp, Dcp, Dcp, MR * Dg, MR, MR, MR, 0, MR * Skp, MR * Se, 16 * Dg, Skp)
     offs = np.empty(len(sizes) + 1, np.int64)
     o = 0
     for r in range(len(sizes)):
@@ -370,9 +684,9 @@ def _prep_q4(qf, qb, base, W, nr, D, u8, fw, iw, o_qq, ldq, o_qs, o_qz):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _tile(a8, aoff, lda, b8, boff, ldb, ng, c8, coff, ldc):
-    """``acc[i, j] = sum_{g < ng, l < 4} a8[aoff + i*lda + 4g + l] * b8[boff + g*ldb + 4j + l]``
-    (u8 x s8, i < 8, j < 32) as int32, stored at byte ``coff + i*ldc + 4j`` of ``c8``."""
+def _tile_acc(aa, lda, ba, ldb, ng):
+    """The 16 accumulators of the register tile ``acc[i, j] = sum_{g < ng, l < 4} a8[aoff + i*lda + 4g + l]
+    * b8[boff + g*ldb + 4j + l]`` (bytes at byte addresses; u8 x s8, i < 8, j < 32, int32): ``(row 0 j < 16, row 0 j >= 16, row 1, ...)``."""
     a00 = _vzero()
     a01 = _vzero()
     a10 = _vzero()
@@ -389,36 +703,45 @@ def _tile(a8, aoff, lda, b8, boff, ldb, ng, c8, coff, ldc):
     a61 = _vzero()
     a70 = _vzero()
     a71 = _vzero()
-    wo = boff
+    wo = ba
     for g in range(ng):
-        w0 = _vload(b8, wo)
-        w1 = _vload(b8, wo + 64)
+        w0 = _ildv(wo)
+        w1 = _ildv(wo + 64)
         wo += ldb
-        xo = aoff + 4 * g
-        x = _vbcast(a8, xo)
+        xo = aa + 4 * g
+        x = _ibc(xo)
         a00 = _dpbusd(a00, x, w0)
         a01 = _dpbusd(a01, x, w1)
-        x = _vbcast(a8, xo + lda)
+        x = _ibc(xo + lda)
         a10 = _dpbusd(a10, x, w0)
         a11 = _dpbusd(a11, x, w1)
-        x = _vbcast(a8, xo + 2 * lda)
+        x = _ibc(xo + 2 * lda)
         a20 = _dpbusd(a20, x, w0)
         a21 = _dpbusd(a21, x, w1)
-        x = _vbcast(a8, xo + 3 * lda)
+        x = _ibc(xo + 3 * lda)
         a30 = _dpbusd(a30, x, w0)
         a31 = _dpbusd(a31, x, w1)
-        x = _vbcast(a8, xo + 4 * lda)
+        x = _ibc(xo + 4 * lda)
         a40 = _dpbusd(a40, x, w0)
         a41 = _dpbusd(a41, x, w1)
-        x = _vbcast(a8, xo + 5 * lda)
+        x = _ibc(xo + 5 * lda)
         a50 = _dpbusd(a50, x, w0)
         a51 = _dpbusd(a51, x, w1)
-        x = _vbcast(a8, xo + 6 * lda)
+        x = _ibc(xo + 6 * lda)
         a60 = _dpbusd(a60, x, w0)
         a61 = _dpbusd(a61, x, w1)
-        x = _vbcast(a8, xo + 7 * lda)
+        x = _ibc(xo + 7 * lda)
         a70 = _dpbusd(a70, x, w0)
         a71 = _dpbusd(a71, x, w1)
+    return a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _tile(a8, aoff, lda, b8, boff, ldb, ng, c8, coff, ldc):
+    """:func:`_tile_acc` stored at byte ``coff + i*ldc + 4j`` of ``c8``."""
+    a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71 = _tile_acc(
+        np.intp(a8.ctypes.data) + aoff, lda, np.intp(b8.ctypes.data) + boff, ldb, ng
+    )
     _vstore(c8, coff, a00)
     _vstore(c8, coff + 64, a01)
     _vstore(c8, coff + 1 * ldc, a10)
@@ -453,121 +776,355 @@ _LOG2E = np.float32(1.4426950408889634)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _exp255(x):
-    """255 exp(x) for x <= 0, to 8.6e-5 relative down to e^-87 (then 255 * 2^-126, 3e-36);
-    ``-inf`` gives 3e-36.  Branch free, so the loop calling it vectorises."""
-    t = max(x * _LOG2E, np.float32(-126.0))
-    n = np.floor(t)
-    f = t - n
-    p = ((_C3 * f + _C2) * f + _C1) * f + _C0
-    return p * _f32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
-
-
-@njit(nogil=True, error_model="numpy", cache=True)
-def _dequant4(iw, fw, mask, b, o_acc, lda, o_ksum, o_ksc, o_sc, ldc, o_qz, o_qs, S):
-    """Four query rows: ``sc[i, j] = (acc[i, j] - zq[i] * ksum[j]) * (sq[i] * ksc[j]) + mask[b, j]``;
-    returns the four row maxima, exact, taken on order-preserving int32 keys (so it vectorises)."""
-    a0 = np.uint64(o_acc)
-    a1 = a0 + np.uint64(lda)
-    a2 = a1 + np.uint64(lda)
-    a3 = a2 + np.uint64(lda)
-    c0 = np.uint64(o_sc)
-    c1 = c0 + np.uint64(ldc)
-    c2 = c1 + np.uint64(ldc)
-    c3 = c2 + np.uint64(ldc)
-    z0 = iw[o_qz]
-    z1 = iw[o_qz + 1]
-    z2 = iw[o_qz + 2]
-    z3 = iw[o_qz + 3]
-    s0 = fw[o_qs]
-    s1 = fw[o_qs + 1]
-    s2 = fw[o_qs + 2]
-    s3 = fw[o_qs + 3]
-    ks = np.uint64(o_ksum)
-    kc = np.uint64(o_ksc)
-    bu = np.uint64(b)
-    m0 = _KEY_MIN
-    m1 = _KEY_MIN
-    m2 = _KEY_MIN
-    m3 = _KEY_MIN
-    for j in range(np.uint64(S)):
-        k = iw[ks + j]
-        f = fw[kc + j]
-        x0 = np.float32(np.int32(iw[a0 + j] - z0 * k)) * (s0 * f)
-        x1 = np.float32(np.int32(iw[a1 + j] - z1 * k)) * (s1 * f)
-        x2 = np.float32(np.int32(iw[a2 + j] - z2 * k)) * (s2 * f)
-        x3 = np.float32(np.int32(iw[a3 + j] - z3 * k)) * (s3 * f)
-        if mask is not None:
-            mj = mask[bu, j]
-            x0 += mj
-            x1 += mj
-            x2 += mj
-            x3 += mj
-        fw[c0 + j] = x0
-        fw[c1 + j] = x1
-        fw[c2 + j] = x2
-        fw[c3 + j] = x3
-        m0 = max(m0, _ordered(_bits_of(x0)))
-        m1 = max(m1, _ordered(_bits_of(x1)))
-        m2 = max(m2, _ordered(_bits_of(x2)))
-        m3 = max(m3, _ordered(_bits_of(x3)))
-    return (
-        _f32_from_bits(_ordered(m0)),
-        _f32_from_bits(_ordered(m1)),
-        _f32_from_bits(_ordered(m2)),
-        _f32_from_bits(_ordered(m3)),
-    )
-
-
-@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
-def _softmax4(fw, u8, o_sc, ldc, o_eq, lde, m0, m1, m2, m3, S):
-    """Four rows: ``eq[i, j] = rint(255 e)``, ``e = exp(sc[i, j] - m_i)``; returns the four
-    ``sum_j 255 e`` (fp32).  ``reassoc`` is for those sums (and lets the polynomial use FMA);
-    the maxima are exact and computed before."""
-    c0 = np.uint64(o_sc)
-    c1 = c0 + np.uint64(ldc)
-    c2 = c1 + np.uint64(ldc)
-    c3 = c2 + np.uint64(ldc)
-    e0 = np.uint64(o_eq)
-    e1 = e0 + np.uint64(lde)
-    e2 = e1 + np.uint64(lde)
-    e3 = e2 + np.uint64(lde)
-    t0 = np.float32(0.0)
-    t1 = np.float32(0.0)
-    t2 = np.float32(0.0)
-    t3 = np.float32(0.0)
-    for j in range(np.uint64(S)):
-        x0 = _exp255(fw[c0 + j] - m0)
-        x1 = _exp255(fw[c1 + j] - m1)
-        x2 = _exp255(fw[c2 + j] - m2)
-        x3 = _exp255(fw[c3 + j] - m3)
-        t0 += x0
-        t1 += x1
-        t2 += x2
-        t3 += x3
-        u8[e0 + j] = np.uint8(np.rint(x0))
-        u8[e1 + j] = np.uint8(np.rint(x1))
-        u8[e2 + j] = np.uint8(np.rint(x2))
-        u8[e3 + j] = np.uint8(np.rint(x3))
-    return t0, t1, t2, t3
-
-
-@njit(nogil=True, error_model="numpy", cache=True)
-def _context_out(iw, fw, of, o_acc, o_vsc, o_out, rs, D):
-    """``out[o_out + d] = acc[d] * rs * sv[d]`` for one query row (``acc * rs`` first: it is
-    O(127), so a tiny ``sv`` does not underflow the product)."""
-    a = np.uint64(o_acc)
-    vs = np.uint64(o_vsc)
-    o = np.uint64(o_out)
-    for d in range(np.uint64(D)):
-        of[o + d] = np.float32(iw[a + d]) * rs * fw[vs + d]
-
-
-@njit(nogil=True, error_model="numpy", cache=True)
 def _zero_bytes(u8, o, n):
     ou = np.uint64(o)
     for d in range(np.uint64(n)):
         u8[ou + d] = 0
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _epi_scores(sca, a0, a1, z, s, k0, k1, f0, f1, m0, m1):
+    """One score row of a tile: ``float(acc - z * ksum) * (s * ksc) + mask`` (the scalar
+    formula of the module docstring, lane-wise, same rounding)."""
+    sv = _vset(s)
+    _vst(sca, _vadd(_vmul(_dq(a0, z, k0), _vmul(sv, f0)), m0))
+    _vst(sca + 64, _vadd(_vmul(_dq(a1, z, k1), _vmul(sv, f1)), m1))
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _tile_scores(aa, lda, ba, ldb, ng, qza, qsa, sca, lds, ksa, kca, ma):
+    """:func:`_tile` for 32 keys with the dequantization, scale and mask in its epilogue: score
+    row i (< 8) at byte address ``sca + i * lds``; the key sums, key scales and mask at byte
+    addresses ``ksa, kca, ma``; the row zero points / scales at ``qza + 4 i``, ``qsa + 4 i``.  Only
+    scalars and addresses cross this and the other per-block calls: an array argument costs an
+    atomic reference count update per call, on a counter the threads share."""
+    a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71 = _tile_acc(aa, lda, ba, ldb, ng)
+    k0 = _ildv(ksa)
+    k1 = _ildv(ksa + 64)
+    f0 = _vld(kca)
+    f1 = _vld(kca + 64)
+    m0 = _vld(ma)
+    m1 = _vld(ma + 64)
+    _epi_scores(sca, a00, a01, _ld_i32(qza), _ld_scalar(qsa), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + lds, a10, a11, _ld_i32(qza + 4), _ld_scalar(qsa + 4), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + 2 * lds, a20, a21, _ld_i32(qza + 8), _ld_scalar(qsa + 8), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + 3 * lds, a30, a31, _ld_i32(qza + 12), _ld_scalar(qsa + 12), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + 4 * lds, a40, a41, _ld_i32(qza + 16), _ld_scalar(qsa + 16), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + 5 * lds, a50, a51, _ld_i32(qza + 20), _ld_scalar(qsa + 20), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + 6 * lds, a60, a61, _ld_i32(qza + 24), _ld_scalar(qsa + 24), k0, k1, f0, f1, m0, m1)
+    _epi_scores(sca + 7 * lds, a70, a71, _ld_i32(qza + 28), _ld_scalar(qsa + 28), k0, k1, f0, f1, m0, m1)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _epi_out(oa, a0, a1, r, sv0, sv1, nc):
+    """``out[c] = (float(acc[c]) * rs) * sv[c]`` for the first ``nc`` of 32 columns."""
+    x0 = _vmul(_vmul(_i2f(a0), r), sv0)
+    x1 = _vmul(_vmul(_i2f(a1), r), sv1)
+    if nc >= 32:
+        _vst(oa, x0)
+        _vst(oa + 64, x1)
+    else:
+        _vstn(oa, x0, nc)
+        _vstn(oa + 64, x1, nc - 16)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _tile_ctx(aa, lda, ba, ldb, ng, oa, ldo, nr, nc, rsa, sva):
+    """:func:`_tile` for 32 context columns with the output in its epilogue: rows ``i < nr``
+    at byte address ``oa + i * ldo``, columns ``< nc``; ``rs`` at ``rsa + 4 i``, ``sv`` at ``sva``."""
+    a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71 = _tile_acc(aa, lda, ba, ldb, ng)
+    s0 = _vld(sva)
+    s1 = _vld(sva + 64)
+    _epi_out(oa, a00, a01, _vbc(rsa), s0, s1, nc)
+    if nr > 1:
+        _epi_out(oa + ldo, a10, a11, _vbc(rsa + 4), s0, s1, nc)
+    if nr > 2:
+        _epi_out(oa + 2 * ldo, a20, a21, _vbc(rsa + 8), s0, s1, nc)
+    if nr > 3:
+        _epi_out(oa + 3 * ldo, a30, a31, _vbc(rsa + 12), s0, s1, nc)
+    if nr > 4:
+        _epi_out(oa + 4 * ldo, a40, a41, _vbc(rsa + 16), s0, s1, nc)
+    if nr > 5:
+        _epi_out(oa + 5 * ldo, a50, a51, _vbc(rsa + 20), s0, s1, nc)
+    if nr > 6:
+        _epi_out(oa + 6 * ldo, a60, a61, _vbc(rsa + 24), s0, s1, nc)
+    if nr > 7:
+        _epi_out(oa + 7 * ldo, a70, a71, _vbc(rsa + 28), s0, s1, nc)
+
+
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+def _softmax8(sca, lds, n16, ea, lde, rsa):
+    """8 score rows (byte address ``sca + i * lds``, ``n16`` columns, a multiple of 16; columns
+    past S hold -inf) in lockstep: the exact row max, ``eq = rint(255 e)`` as bytes at
+    ``ea + i * lde``, and ``1 / sum(255 e)`` at ``rsa + 4 i``."""
+    r0 = sca
+    r1 = sca + lds
+    r2 = sca + 2 * lds
+    r3 = sca + 3 * lds
+    r4 = sca + 4 * lds
+    r5 = sca + 5 * lds
+    r6 = sca + 6 * lds
+    r7 = sca + 7 * lds
+    m0 = _vld(r0)
+    m1 = _vld(r1)
+    m2 = _vld(r2)
+    m3 = _vld(r3)
+    m4 = _vld(r4)
+    m5 = _vld(r5)
+    m6 = _vld(r6)
+    m7 = _vld(r7)
+    nb = 4 * n16
+    for j in range(64, nb, 64):
+        m0 = _vmax(_vld(r0 + j), m0)
+        m1 = _vmax(_vld(r1 + j), m1)
+        m2 = _vmax(_vld(r2 + j), m2)
+        m3 = _vmax(_vld(r3 + j), m3)
+        m4 = _vmax(_vld(r4 + j), m4)
+        m5 = _vmax(_vld(r5 + j), m5)
+        m6 = _vmax(_vld(r6 + j), m6)
+        m7 = _vmax(_vld(r7 + j), m7)
+    m0 = _vset(_hmax(m0))
+    m1 = _vset(_hmax(m1))
+    m2 = _vset(_hmax(m2))
+    m3 = _vset(_hmax(m3))
+    m4 = _vset(_hmax(m4))
+    m5 = _vset(_hmax(m5))
+    m6 = _vset(_hmax(m6))
+    m7 = _vset(_hmax(m7))
+    s0 = _fzero()
+    s1 = _fzero()
+    s2 = _fzero()
+    s3 = _fzero()
+    s4 = _fzero()
+    s5 = _fzero()
+    s6 = _fzero()
+    s7 = _fzero()
+    eo = ea
+    for j in range(0, nb, 64):
+        e0 = _exp255v(_vsub(_vld(r0 + j), m0))
+        e1 = _exp255v(_vsub(_vld(r1 + j), m1))
+        e2 = _exp255v(_vsub(_vld(r2 + j), m2))
+        e3 = _exp255v(_vsub(_vld(r3 + j), m3))
+        e4 = _exp255v(_vsub(_vld(r4 + j), m4))
+        e5 = _exp255v(_vsub(_vld(r5 + j), m5))
+        e6 = _exp255v(_vsub(_vld(r6 + j), m6))
+        e7 = _exp255v(_vsub(_vld(r7 + j), m7))
+        _st_u8(eo, e0)
+        _st_u8(eo + lde, e1)
+        _st_u8(eo + 2 * lde, e2)
+        _st_u8(eo + 3 * lde, e3)
+        _st_u8(eo + 4 * lde, e4)
+        _st_u8(eo + 5 * lde, e5)
+        _st_u8(eo + 6 * lde, e6)
+        _st_u8(eo + 7 * lde, e7)
+        eo += 16
+        s0 = _vadd(s0, e0)
+        s1 = _vadd(s1, e1)
+        s2 = _vadd(s2, e2)
+        s3 = _vadd(s3, e3)
+        s4 = _vadd(s4, e4)
+        s5 = _vadd(s5, e5)
+        s6 = _vadd(s6, e6)
+        s7 = _vadd(s7, e7)
+    one = np.float32(1.0)
+    _vst_scalar(rsa, one / _hsum(s0))
+    _vst_scalar(rsa + 4, one / _hsum(s1))
+    _vst_scalar(rsa + 8, one / _hsum(s2))
+    _vst_scalar(rsa + 12, one / _hsum(s3))
+    _vst_scalar(rsa + 16, one / _hsum(s4))
+    _vst_scalar(rsa + 20, one / _hsum(s5))
+    _vst_scalar(rsa + 24, one / _hsum(s6))
+    _vst_scalar(rsa + 28, one / _hsum(s7))
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _prep_k64(kd, base, W, S, D, scale, wa, o_kq, o_ksc, o_ksum, o_tmp, Skp):
+    """:func:`_prep_k` for ``D % 64 == 0`` on vectors: 16 keys at a time are quantized into
+    ``tmp [16, D/4]`` words and transposed (:func:`transpose16`) into ``kq [D/4, Skp]``."""
+    Dg = D // 4
+    izero = _vzero()
+    for j0 in range(0, Skp, 16):
+        for jj in range(16):
+            j = j0 + jj
+            ta = wa + 4 * (o_tmp + jj * Dg)
+            if j < S:
+                ra = kd + 4 * (base + j * W)
+                for c in range(0, 4 * D, 64):
+                    _prefetch(ra + 4 * _PF * W + c)
+                mx = _vabs(_vld(ra))
+                for c in range(64, 4 * D, 64):
+                    mx = _vmax(mx, _vabs(_vld(ra + c)))
+                sk, pre, inv = _sym_scale(_hmax(mx))
+                pv = _vset(pre)
+                iv = _vset(inv)
+                s = izero
+                for c in range(0, 4 * D, 64):
+                    qv = _qs8v(_vld(ra + c), pv, iv)
+                    s = _iadd(s, qv)
+                    _st_i8(ta + c // 4, qv)
+                _st_i32(wa + 4 * (o_ksum + j), _ihsum(s))
+                _vst_scalar(wa + 4 * (o_ksc + j), sk * scale)
+            else:
+                for c in range(0, D, 64):
+                    _istv(ta + c, izero)
+                _st_i32(wa + 4 * (o_ksum + j), np.int32(0))
+                _vst_scalar(wa + 4 * (o_ksc + j), np.float32(0.0))
+        for g0 in range(0, Dg, 16):
+            transpose16(wa + 4 * (o_tmp + g0), Dg, wa + 4 * (o_kq + g0 * Skp + j0), Skp)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _prep_v16(vd, base, W, S, D, wa, o_vq, o_vsc, o_vinv, o_vpre, Dcp):
+    """:func:`_prep_v` for ``D % 16 == 0`` on vectors (16 columns x 4 keys per packed store)."""
+    c0 = 0
+    while c0 + 64 <= D:  # 64 columns (one 256-byte run per row) per pass
+        m0 = _fzero()
+        m1 = _fzero()
+        m2 = _fzero()
+        m3 = _fzero()
+        ra = vd + 4 * (base + c0)
+        for j in range(S):
+            r = ra + 4 * j * W
+            _prefetch(r + 4 * _PF * W)
+            _prefetch(r + 4 * _PF * W + 64)
+            _prefetch(r + 4 * _PF * W + 128)
+            _prefetch(r + 4 * _PF * W + 192)
+            m0 = _vmax(m0, _vabs(_vld(r)))
+            m1 = _vmax(m1, _vabs(_vld(r + 64)))
+            m2 = _vmax(m2, _vabs(_vld(r + 128)))
+            m3 = _vmax(m3, _vabs(_vld(r + 192)))
+        _vst(wa + 4 * (o_vinv + c0), m0)
+        _vst(wa + 4 * (o_vinv + c0) + 64, m1)
+        _vst(wa + 4 * (o_vinv + c0) + 128, m2)
+        _vst(wa + 4 * (o_vinv + c0) + 192, m3)
+        c0 += 64
+    for c in range(c0, D, 16):
+        mx = _fzero()
+        ra = vd + 4 * (base + c)
+        for j in range(S):
+            mx = _vmax(mx, _vabs(_vld(ra + 4 * j * W)))
+        _vst(wa + 4 * (o_vinv + c), mx)
+    for d in range(Dcp):
+        if d < D:
+            sv, pre, inv = _sym_scale(_ld_scalar(wa + 4 * (o_vinv + d)))
+        else:
+            sv, pre, inv = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        _vst_scalar(wa + 4 * (o_vsc + d), sv)
+        _vst_scalar(wa + 4 * (o_vinv + d), inv)
+        _vst_scalar(wa + 4 * (o_vpre + d), pre)
+    izero = _vzero()
+    fz = _fzero()
+    Sg = (S + 3) // 4
+    for g in range(Sg):
+        r0 = vd + 4 * (base + 4 * g * W)
+        oa = wa + 4 * (o_vq + g * Dcp)
+        full = 4 * g + 4 <= S
+        for c in range(0, D, 16):
+            pv = _vld(wa + 4 * (o_vpre + c))
+            iv = _vld(wa + 4 * (o_vinv + c))
+            if full:
+                x0 = _vld(r0 + 4 * c)
+                x1 = _vld(r0 + 4 * (W + c))
+                x2 = _vld(r0 + 4 * (2 * W + c))
+                x3 = _vld(r0 + 4 * (3 * W + c))
+            else:
+                x0 = _vld(r0 + 4 * c)
+                x1 = _vld(r0 + 4 * (W + c)) if 4 * g + 1 < S else fz
+                x2 = _vld(r0 + 4 * (2 * W + c)) if 4 * g + 2 < S else fz
+                x3 = fz
+            _istv(oa + 4 * c, _pack4(_qs8v(x0, pv, iv), _qs8v(x1, pv, iv), _qs8v(x2, pv, iv), _qs8v(x3, pv, iv)))
+        for c in range(D, Dcp, 16):
+            _istv(oa + 4 * c, izero)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _q16_row(ra, oa, D, lo, hi, qsa, qza):
+    """Quantize one row (floats at byte address ``ra``, bytes to ``oa``) given its range keys."""
+    pre, inv, zp, sc = _u8_params(_ihmin(lo), _ihmax(hi))
+    for c in range(0, D, 16):
+        _st_i8(oa + c, _qu8v(_vld(ra + 4 * c), pre, inv, zp))
+    _vst_scalar(qsa, sc)
+    _st_i32(qza, np.int32(zp))
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _prep_q16x4(qd, base, W, nr, D, qa, ldq, qsa, qza):
+    """:func:`_prep_q4` for ``D % 16 == 0`` on vectors, 4 rows in lockstep (one row at a time is
+    a chain of dependent latencies: loads, range reduction, scale, quantization): row i (< ``nr``,
+    which may be <= 0) at word ``base + i * W`` of ``qd``, its bytes at ``qa + i * ldq``; rows
+    ``i >= nr`` read row 0 (which must exist) and get zeros."""
+    r0 = qd + 4 * base
+    r1 = r0 + 4 * W if nr > 1 else r0
+    r2 = r0 + 8 * W if nr > 2 else r0
+    r3 = r0 + 12 * W if nr > 3 else r0
+    z = _vzero()
+    lo0 = z
+    lo1 = z
+    lo2 = z
+    lo3 = z
+    hi0 = z
+    hi1 = z
+    hi2 = z
+    hi3 = z
+    for c in range(0, 4 * D, 64):
+        k0 = _keys(r0 + c)
+        k1 = _keys(r1 + c)
+        k2 = _keys(r2 + c)
+        k3 = _keys(r3 + c)
+        lo0 = _imin(lo0, k0)
+        lo1 = _imin(lo1, k1)
+        lo2 = _imin(lo2, k2)
+        lo3 = _imin(lo3, k3)
+        hi0 = _imax(hi0, k0)
+        hi1 = _imax(hi1, k1)
+        hi2 = _imax(hi2, k2)
+        hi3 = _imax(hi3, k3)
+    if nr <= 0:
+        lo0 = z
+        hi0 = z
+    if nr <= 1:
+        lo1 = z
+        hi1 = z
+    if nr <= 2:
+        lo2 = z
+        hi2 = z
+    if nr <= 3:
+        lo3 = z
+        hi3 = z
+    _q16_row(r0, qa, D, lo0, hi0, qsa, qza)
+    _q16_row(r1, qa + ldq, D, lo1, hi1, qsa + 4, qza + 4)
+    _q16_row(r2, qa + 2 * ldq, D, lo2, hi2, qsa + 8, qza + 8)
+    _q16_row(r3, qa + 3 * ldq, D, lo3, hi3, qsa + 12, qza + 12)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _prep_kv(kf, kb, vf, vb, kbase, vbase, W_k, W_v, S, D, scale, fw, iw, u8, wa, lay, wb):
+    """Quantize and pack K and V of one head (the vector forms where D allows)."""
+    Skp = (S + KB - 1) // KB * KB
+    Dcp = (D + KB - 1) // KB * KB
+    if D % 64 == 0:
+        _prep_k64(np.intp(kf.ctypes.data), kbase, W_k, S, D, scale, wa, wb + lay[0], wb + lay[1], wb + lay[2], wb + lay[14], Skp)
+    else:
+        _prep_k(kf, kb, kbase, W_k, S, D, scale, iw, fw, u8, wb + lay[0], wb + lay[1], wb + lay[2], wb + lay[14], Skp)
+    if D % 16 == 0:
+        _prep_v16(np.intp(vf.ctypes.data), vbase, W_v, S, D, wa, wb + lay[3], wb + lay[4], wb + lay[5], wb + lay[6], Dcp)
+    else:
+        _prep_v(vf, vb, vbase, W_v, S, D, iw, fw, wb + lay[3], wb + lay[4], wb + lay[5], wb + lay[6], Dcp)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _prep_q(qf, qb, qd, qbase, W, nr, D, fw, iw, u8, wa, o_qq, o_qs, o_qz):
+    """Quantize the 8 query rows ``qbase + i * W`` (``i < nr``; the others get zeros) into
+    ``qq [8, 4*ceil(D/4)]`` bytes at word ``o_qq`` (padding bytes not written); ``qd`` the
+    address of ``qf``.  Scalar (array) form: only for ``D % 16 != 0`` and for the tests."""
+    Dg4 = 4 * ((D + 3) // 4)
+    qbase4 = qbase + 4 * W if nr > 4 else qbase
+    if D % 16 == 0:
+        _prep_q16x4(qd, qbase, W, nr, D, wa + 4 * o_qq, Dg4, wa + 4 * o_qs, wa + 4 * o_qz)
+        _prep_q16x4(qd, qbase4, W, nr - 4, D, wa + 4 * o_qq + 4 * Dg4, Dg4, wa + 4 * o_qs + 16, wa + 4 * o_qz + 16)
+    else:
+        _prep_q4(qf, qb, qbase, W, nr, D, u8, fw, iw, 4 * o_qq, Dg4, o_qs, o_qz)
+        _prep_q4(qf, qb, qbase4, W, nr - 4, D, u8, fw, iw, 4 * o_qq + 4 * Dg4, Dg4, o_qs + 4, o_qz + 4)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -576,51 +1133,91 @@ def _head(qf, qb, kf, kb, vf, vb, W_q, W_k, W_v, q_col, k_col, v_col, mask, b, h
     Sg = (S + 3) // 4
     Skp = (S + KB - 1) // KB * KB
     Dcp = (D + KB - 1) // KB * KB
+    Se = (S + 15) // 16 * 4  # words per e row: whole 16-byte stores
+    wa = np.intp(fw.ctypes.data)
+    oad = np.intp(of.ctypes.data)
     o_kq = wb + lay[0]
     o_ksc = wb + lay[1]
     o_ksum = wb + lay[2]
     o_vq = wb + lay[3]
     o_vsc = wb + lay[4]
-    o_vinv = wb + lay[5]
-    o_vpre = wb + lay[6]
     o_qq = wb + lay[7]
     o_qs = wb + lay[8]
     o_qz = wb + lay[9]
     o_rs = wb + lay[10]
-    o_acc = wb + lay[11]
     o_sc = wb + lay[12]
     o_eq = wb + lay[13]
-    o_tmp = wb + lay[14]
+    o_m = wb + lay[15]
     row0 = b * S
-    _prep_k(kf, kb, row0 * W_k + k_col + h * D, W_k, S, D, scale, iw, fw, u8, o_kq, o_ksc, o_ksum, o_tmp, Skp)
-    _prep_v(vf, vb, row0 * W_v + v_col + h * D, W_v, S, D, iw, fw, o_vq, o_vsc, o_vinv, o_vpre, Dcp)
-    Skc = max(Skp, Dcp)  # row stride of the int32 accumulator block
+    kbase = row0 * W_k + k_col + h * D
+    vbase = row0 * W_v + v_col + h * D
+    if D % 64 == 0:  # the vector forms, on addresses only
+        _prep_k64(np.intp(kf.ctypes.data), kbase, W_k, S, D, scale, wa, o_kq, o_ksc, o_ksum, wb + lay[14], Skp)
+        _prep_v16(np.intp(vf.ctypes.data), vbase, W_v, S, D, wa, o_vq, o_vsc, wb + lay[5], wb + lay[6], Dcp)
+    else:
+        _prep_kv(kf, kb, vf, vb, kbase, vbase, W_k, W_v, S, D, scale, fw, iw, u8, wa, lay, wb)
+    # the mask row, -inf on the padding keys (their scores must not reach the row max)
+    for j in range(Skp):
+        if j >= S:
+            fw[o_m + j] = -np.inf
+        elif mask is None:
+            fw[o_m + j] = 0.0
+        else:
+            fw[o_m + j] = mask[b, j]
     Dg4 = 4 * Dg
-    # padding bytes of the Q and e rows, never written below: zero once
+    # padding bytes of the Q rows, never written below: zero once
     for i in range(MR):
         _zero_bytes(u8, 4 * o_qq + i * Dg4 + D, Dg4 - D)
-        _zero_bytes(u8, 4 * (o_eq + i * Sg) + S, 4 * Sg - S)
+    n16 = Se * 4
+    lds = 4 * Skp
+    qd = np.intp(qf.ctypes.data)
+    qvec = D % 16 == 0
     for i0 in range(0, S, MR):
         nr = min(MR, S - i0)
         qbase = (row0 + i0) * W_q + q_col + h * D
-        _prep_q4(qf, qb, qbase, W_q, nr, D, u8, fw, iw, 4 * o_qq, Dg4, o_qs, o_qz)
-        qbase4 = qbase + 4 * W_q if nr > 4 else qbase
-        _prep_q4(qf, qb, qbase4, W_q, nr - 4, D, u8, fw, iw, 4 * o_qq + 4 * Dg4, Dg4, o_qs + 4, o_qz + 4)
-        # raw scores of the block: acc [MR, S] int32
+        if qvec:  # the vector form, on addresses only
+            qbase4 = qbase + 4 * W_q if nr > 4 else qbase
+            _prep_q16x4(qd, qbase, W_q, nr, D, wa + 4 * o_qq, Dg4, wa + 4 * o_qs, wa + 4 * o_qz)
+            _prep_q16x4(qd, qbase4, W_q, nr - 4, D, wa + 4 * o_qq + 4 * Dg4, Dg4, wa + 4 * o_qs + 16, wa + 4 * o_qz + 16)
+        else:
+            _prep_q(qf, qb, qd, qbase, W_q, nr, D, fw, iw, u8, wa, o_qq, o_qs, o_qz)
+        if qvec:  # the next block's query rows, while this block computes
+            nb = min(MR, S - i0 - MR)
+            for i in range(nb):
+                r = qd + 4 * (qbase + (MR + i) * W_q)
+                for c in range(0, 4 * D, 64):
+                    _prefetch(r + c)
         for j0 in range(0, S, KB):
-            _tile(u8, 4 * o_qq, Dg4, u8, 4 * (o_kq + j0), 4 * Skp, Dg, u8, 4 * (o_acc + j0), 4 * Skc)
-        for i in range(0, nr, 4):
-            m0, m1, m2, m3 = _dequant4(iw, fw, mask, b, o_acc + i * Skc, Skc, o_ksum, o_ksc, o_sc + i * Skp, Skp, o_qz + i, o_qs + i, S)
-            t0, t1, t2, t3 = _softmax4(fw, u8, o_sc + i * Skp, Skp, 4 * (o_eq + i * Sg), 4 * Sg, m0, m1, m2, m3, S)
-            fw[o_rs + i] = np.float32(1.0) / t0
-            fw[o_rs + i + 1] = np.float32(1.0) / t1
-            fw[o_rs + i + 2] = np.float32(1.0) / t2
-            fw[o_rs + i + 3] = np.float32(1.0) / t3
-        # context of the block: acc [MR, D] int32, then out
+            _tile_scores(
+                wa + 4 * o_qq,
+                Dg4,
+                wa + 4 * (o_kq + j0),
+                4 * Skp,
+                Dg,
+                wa + 4 * o_qz,
+                wa + 4 * o_qs,
+                wa + 4 * (o_sc + j0),
+                lds,
+                wa + 4 * (o_ksum + j0),
+                wa + 4 * (o_ksc + j0),
+                wa + 4 * (o_m + j0),
+            )
+        _softmax8(wa + 4 * o_sc, lds, n16, wa + 4 * o_eq, 4 * Se, wa + 4 * o_rs)
+        oa = oad + 4 * ((row0 + i0) * W_o + h * D)
         for c0 in range(0, D, KB):
-            _tile(u8, 4 * o_eq, 4 * Sg, u8, 4 * (o_vq + c0), 4 * Dcp, Sg, u8, 4 * (o_acc + c0), 4 * Skc)
-        for i in range(nr):
-            _context_out(iw, fw, of, o_acc + i * Skc, o_vsc, (row0 + i0 + i) * W_o + h * D, fw[o_rs + i], D)
+            _tile_ctx(
+                wa + 4 * o_eq,
+                4 * Se,
+                wa + 4 * (o_vq + c0),
+                4 * Dcp,
+                Sg,
+                oa + 4 * c0,
+                4 * W_o,
+                nr,
+                D - c0,
+                wa + 4 * o_rs,
+                wa + 4 * (o_vsc + c0),
+            )
 
 
 @njit(nogil=True, error_model="numpy", parallel=True, cache=True)
@@ -741,17 +1338,33 @@ def _quantize_head(q, k, v, q_col, k_col, v_col, b, h, S, D, scale, ws, qq, sq, 
     qf = q.reshape(q.size)
     kf = k.reshape(k.size)
     vf = v.reshape(v.size)
-    Skp = (S + KB - 1) // KB * KB
-    Dcp = (D + KB - 1) // KB * KB
     Dg4 = 4 * ((D + 3) // 4)
     row0 = b * S
     Wk, Wv = k.shape[1], v.shape[1]
-    _prep_k(kf, kf.view(np.int32), row0 * Wk + k_col + h * D, Wk, S, D, scale, iw, fw, u8, lay[0], lay[1], lay[2], lay[14], Skp)
-    _prep_v(vf, vf.view(np.int32), row0 * Wv + v_col + h * D, Wv, S, D, iw, fw, lay[3], lay[4], lay[5], lay[6], Dcp)
-    for i0 in range(0, S, 4):
-        nr = min(4, S - i0)
+    wa = np.intp(fw.ctypes.data)
+    _prep_kv(
+        kf,
+        kf.view(np.int32),
+        vf,
+        vf.view(np.int32),
+        row0 * Wk + k_col + h * D,
+        row0 * Wv + v_col + h * D,
+        Wk,
+        Wv,
+        S,
+        D,
+        scale,
+        fw,
+        iw,
+        u8,
+        wa,
+        lay,
+        0,
+    )
+    for i0 in range(0, S, MR):
+        nr = min(MR, S - i0)
         qbase = (row0 + i0) * q.shape[1] + q_col + h * D
-        _prep_q4(qf, qf.view(np.int32), qbase, q.shape[1], nr, D, u8, fw, iw, 4 * lay[7], Dg4, lay[8], lay[9])
+        _prep_q(qf, qf.view(np.int32), np.intp(qf.ctypes.data), qbase, q.shape[1], nr, D, fw, iw, u8, wa, lay[7], lay[8], lay[9])
         for d in range(D, Dg4):
             for i in range(nr):
                 u8[4 * lay[7] + i * Dg4 + d] = 0

@@ -20,6 +20,7 @@ kernel adds on top of the exact attention of those operands, and are also checke
 """
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -85,6 +86,10 @@ def head_slices(q, k, v, S, D, cols, b, h):
 @example(seed=0, S=1, D=1, data="normal")
 @example(seed=1, S=33, D=7, data="zero_rows")
 @example(seed=2, S=16, D=64, data="subnormal")
+@example(seed=3, S=70, D=64, data="zero_rows")  # the vector forms: K for D % 64 == 0, Q and V for D % 16 == 0
+@example(seed=4, S=33, D=128, data="huge")
+@example(seed=5, S=5, D=48, data="tiny")
+@example(seed=6, S=3, D=16, data="positive")
 def test_quantization_and_packing_are_exact(seed, S, D, data):
     """The kernel's quantized, packed Q / K / V (read back from its workspace) equal the formulas
     above bit for bit, padding included."""
@@ -225,6 +230,9 @@ def make_data(rng, B, S, H, D, data):
 @example(seed=2, B=3, S=17, H=2, D=8, mask_kind="one_key", data="zero_qk")
 @example(seed=3, B=1, S=64, H=2, D=64, mask_kind="padded", data="peaked")
 @example(seed=4, B=2, S=45, H=1, D=70, mask_kind="real", data="huge")
+@example(seed=5, B=2, S=45, H=2, D=64, mask_kind="one_key", data="tiny")
+@example(seed=6, B=1, S=19, H=3, D=32, mask_kind="real", data="peaked")
+@example(seed=7, B=2, S=70, H=1, D=128, mask_kind="padded", data="zero_qk")
 def test_attention_int8_against_reference(seed, B, S, H, D, mask_kind, data):
     rng = np.random.default_rng(seed)
     qkv, cols, scale = make_data(rng, B, S, H, D, data)
@@ -303,3 +311,62 @@ def test_bad_arguments_are_reported():
         assert "workspace" in str(exc)
     else:
         raise AssertionError("no error for a mismatched workspace")
+
+
+# ---------------------------------------------------------------- the portable build
+
+PROBE = r"""
+import sys
+import numpy as np
+from sparseinfer.kernels.attention_int8 import attention_int8, quantize_head
+from tests.kernels.test_attention import make_mask
+rng = np.random.default_rng(0)
+res = {}
+for B, S, H, D in ((2, 45, 2, 64), (1, 128, 2, 64), (2, 21, 2, 48), (2, 19, 2, 24)):
+    qkv = rng.standard_normal((B * S, 3 * H * D + 3)).astype(np.float32)
+    mask = make_mask(rng, "padded", B, S)
+    key = f"{B}_{S}_{H}_{D}"
+    res["out_" + key] = attention_int8(qkv, qkv, qkv, mask, B, S, H, D, q_col=1, k_col=H * D + 2, v_col=2 * H * D + 3)
+    for name, a in quantize_head(qkv, qkv, qkv, S, D, 0.125, 1, H * D + 2, 2 * H * D + 3, b=B - 1, h=1).items():
+        res[name + "_" + key] = a
+np.savez(sys.argv[1], **res)
+"""
+
+
+def _probe(tmp_path, name, features=None):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"numba-cache-{name}"))
+    if features is not None:
+        env["NUMBA_CPU_FEATURES"] = features
+    path = tmp_path / f"{name}.npz"
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(path)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop", ["vnni", "avx512"])
+def test_portable_build_matches_the_host_build(tmp_path, drop):
+    """Without AVX512-VNNI (or without any AVX-512: the <16 x float> / <16 x i32> code is split
+    by LLVM, the byte stores lose ``vpmovdb``) the quantized operands are bit-identical to the
+    host build's and the output agrees to fp32 rounding (only the order of the row sums may differ)."""
+    from numba.core.registry import cpu_target
+
+    feats = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    if drop == "vnni":
+        feats = [f"-{f[1:]}" if f in ("+avx512vnni", "+avxvnni") else f for f in feats]
+    else:
+        feats = [f"-{f[1:]}" if f.startswith("+avx512") or f == "+avxvnni" else f for f in feats]
+    if "+avx2" not in feats:
+        pytest.skip("host without AVX2")
+    host = _probe(tmp_path, "host")
+    port = _probe(tmp_path, drop, ",".join(feats))
+    assert host.keys() == port.keys()
+    for name, a in host.items():
+        if name.startswith("out_"):
+            np.testing.assert_allclose(port[name], a, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=name)
+        else:
+            np.testing.assert_array_equal(port[name], a, err_msg=name)
