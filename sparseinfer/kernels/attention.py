@@ -531,14 +531,14 @@ def _tile_context(ea, lde, S, va, ldv, ra, oa, ldo, nr, nc):
         _store_row(oa + 7 * ldo, a70, a71, _vbc(ra + 28), nc)
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
-def _softmax8(sca, lds, n16, ra):
-    """For the 8 score rows at byte ``sca + i * lds`` (``n16`` columns, a multiple of 16):
-    ``e = exp(x - max)`` in place and ``r[i] = 1 / sum(e)`` at ``ra + 4 * i``.  The 8 rows go in
-    lockstep: one row at a time is a chain of dependent latencies (max, its reduction, exp, sum)
-    and ran at half the speed (4 rows at a time: 1.12x slower than 8)."""
-    r0 = sca + 0 * lds
-    r1 = sca + 1 * lds
+@njit(nogil=True, error_model="numpy", cache=True, inline="always")
+def _rowmax8(sca, lds, n16):
+    """The maxima of 8 rows of floats (byte address ``sca + i * lds``, ``n16`` columns, a
+    multiple of 16), each broadcast to 16 lanes: the first pass of both attention kernels'
+    8-row softmax.  Exact (max in any order).  Inlined at Numba IR level, so the 8 results stay
+    registers in the caller."""
+    r0 = sca
+    r1 = sca + lds
     r2 = sca + 2 * lds
     r3 = sca + 3 * lds
     r4 = sca + 4 * lds
@@ -571,6 +571,25 @@ def _softmax8(sca, lds, n16, ra):
     m5 = _vset(_hmax(m5))
     m6 = _vset(_hmax(m6))
     m7 = _vset(_hmax(m7))
+    return m0, m1, m2, m3, m4, m5, m6, m7
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _softmax8(sca, lds, n16, ra):
+    """For the 8 score rows at byte ``sca + i * lds`` (``n16`` columns, a multiple of 16):
+    ``e = exp(x - max)`` in place and ``r[i] = 1 / sum(e)`` at ``ra + 4 * i``.  The 8 rows go in
+    lockstep: one row at a time is a chain of dependent latencies (max, its reduction, exp, sum)
+    and ran at half the speed (4 rows at a time: 1.12x slower than 8)."""
+    m0, m1, m2, m3, m4, m5, m6, m7 = _rowmax8(sca, lds, n16)
+    r0 = sca
+    r1 = sca + lds
+    r2 = sca + 2 * lds
+    r3 = sca + 3 * lds
+    r4 = sca + 4 * lds
+    r5 = sca + 5 * lds
+    r6 = sca + 6 * lds
+    r7 = sca + 7 * lds
+    nb = 4 * n16
     s0 = _vzero()
     s1 = _vzero()
     s2 = _vzero()

@@ -118,6 +118,7 @@ from sparseinfer.kernels.attention import (
     _hmax,
     _hsum,
     _ld_scalar,
+    _rowmax8,
     _vadd,
     _vbc,
     _vld,
@@ -857,6 +858,7 @@ def _softmax8(sca, lds, n16, ea, lde, rsa):
     """8 score rows (byte address ``sca + i * lds``, ``n16`` columns, a multiple of 16; columns
     past S hold -inf) in lockstep: the exact row max, ``eq = rint(255 e)`` as bytes at
     ``ea + i * lde``, and ``1 / sum(255 e)`` at ``rsa + 4 i``."""
+    m0, m1, m2, m3, m4, m5, m6, m7 = _rowmax8(sca, lds, n16)
     r0 = sca
     r1 = sca + lds
     r2 = sca + 2 * lds
@@ -865,32 +867,7 @@ def _softmax8(sca, lds, n16, ea, lde, rsa):
     r5 = sca + 5 * lds
     r6 = sca + 6 * lds
     r7 = sca + 7 * lds
-    m0 = _vld(r0)
-    m1 = _vld(r1)
-    m2 = _vld(r2)
-    m3 = _vld(r3)
-    m4 = _vld(r4)
-    m5 = _vld(r5)
-    m6 = _vld(r6)
-    m7 = _vld(r7)
     nb = 4 * n16
-    for j in range(64, nb, 64):
-        m0 = _vmax(_vld(r0 + j), m0)
-        m1 = _vmax(_vld(r1 + j), m1)
-        m2 = _vmax(_vld(r2 + j), m2)
-        m3 = _vmax(_vld(r3 + j), m3)
-        m4 = _vmax(_vld(r4 + j), m4)
-        m5 = _vmax(_vld(r5 + j), m5)
-        m6 = _vmax(_vld(r6 + j), m6)
-        m7 = _vmax(_vld(r7 + j), m7)
-    m0 = _vset(_hmax(m0))
-    m1 = _vset(_hmax(m1))
-    m2 = _vset(_hmax(m2))
-    m3 = _vset(_hmax(m3))
-    m4 = _vset(_hmax(m4))
-    m5 = _vset(_hmax(m5))
-    m6 = _vset(_hmax(m6))
-    m7 = _vset(_hmax(m7))
     s0 = _fzero()
     s1 = _fzero()
     s2 = _fzero()
