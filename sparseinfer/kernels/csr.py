@@ -72,7 +72,8 @@ epilogues), before -> after the output path above: 768 x 2304 80 -> 55 us,
 768 x 768 40 -> 27 us, 768 x 3072 (bias + GELU) 282 -> 104 us, 3072 x 768
 139 -> 112 us; FF1 + FF2 as a chained pair 181 us against 354 us as two
 calls before.  That is a quarter to a third of a call at 10% density
-(240, 92, 360 and 345 us), and 25-30 us of FF1's is the GELU.  What did not help: two accumulator sets
+(240, 92, 360 and 345 us), and 25-30 us of FF1's was the GELU (less since ``gelu_f32``
+uses FMAs and a reciprocal: ~25% faster per element).  What did not help: two accumulator sets
 per column to break the FMA dependency chain (more instructions, slower);
 64-row tiles (half the FMAs per index load); sorting columns by nonzero
 count (branch mispredictions are not the limit); a separate function per
