@@ -135,7 +135,8 @@ _ONE = _F32(1.0)
 _FOUR = _F32(4.0)
 # Rational approximation erf(x) ~= x * P(x^2) / Q(x^2) on [-4, 4] (the
 # Eigen / XLA float32 erf); max abs error vs math.erf: 6.5e-8 evaluated in
-# float64, 4.2e-7 evaluated in float32.
+# float64, 4.2e-7 evaluated in float32 (3.3e-7 on [-6, 6] with the FMAs of
+# _ERF_FASTMATH, in a vectorised loop).
 _A1 = _F32(-1.60960333262415e-02)
 _A3 = _F32(-2.95459980854025e-03)
 _A5 = _F32(-7.34990630326855e-04)
