@@ -951,7 +951,7 @@ def _prep_k64(kd, base, W, S, D, scale, wa, o_kq, o_ksc, o_ksum, o_tmp, Skp):
     ``tmp [16, D/4]`` words and transposed (:func:`transpose16`) into ``kq [D/4, Skp]``.  Four
     keys go in lockstep: one key alone is a chain of dependent latencies (loads, max, horizontal
     max, the scale's division, quantization, horizontal sum); interleaving four took the prep of
-    a head (S = 128, D = 64) from 1.83 to 1.20 us on one core."""
+    a head (S = 128, D = 64) from 1.83 to ~1.2 us on one core."""
     Dg = D // 4
     izero = _vzero()
     for j0 in range(0, Skp, 16):
