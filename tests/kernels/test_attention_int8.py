@@ -35,6 +35,7 @@ from sparseinfer.kernels.attention_int8 import (
     quantize_head,
 )
 from tests.kernels.test_attention import expected, make_mask
+from tests.kernels.test_int8 import portable_features
 
 F32_MIN = np.finfo(np.float32).min
 F32 = np.float32
@@ -353,17 +354,9 @@ def test_portable_build_matches_the_host_build(tmp_path, drop):
     """Without AVX512-VNNI (or without any AVX-512: the <16 x float> / <16 x i32> code is split
     by LLVM, the byte stores lose ``vpmovdb``) the quantized operands are bit-identical to the
     host build's and the output agrees to fp32 rounding (only the order of the row sums may differ)."""
-    from numba.core.registry import cpu_target
-
-    feats = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
-    if drop == "vnni":
-        feats = [f"-{f[1:]}" if f in ("+avx512vnni", "+avxvnni") else f for f in feats]
-    else:
-        feats = [f"-{f[1:]}" if f.startswith("+avx512") or f == "+avxvnni" else f for f in feats]
-    if "+avx2" not in feats:
-        pytest.skip("host without AVX2")
+    features = portable_features(drop)
     host = _probe(tmp_path, "host")
-    port = _probe(tmp_path, drop, ",".join(feats))
+    port = _probe(tmp_path, drop, features)
     assert host.keys() == port.keys()
     for name, a in host.items():
         if name.startswith("out_"):

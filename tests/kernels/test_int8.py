@@ -363,10 +363,19 @@ def _probe(tmp_path, features=None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _host_features():
+def portable_features(drop):
+    """The host's CPU features (NUMBA_CPU_FEATURES form) without AVX512-VNNI (``drop="vnni"``) or
+    without any AVX-512 (``drop="avx512"``); skips the test on a host without AVX2."""
     from numba.core.registry import cpu_target
 
-    return cpu_target.target_context.codegen().magic_tuple()[2]
+    feats = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    if drop == "vnni":
+        feats = [f"-{f[1:]}" if f in ("+avx512vnni", "+avxvnni") else f for f in feats]
+    else:
+        feats = [f"-{f[1:]}" if f.startswith("+avx512") or f == "+avxvnni" else f for f in feats]
+    if "+avx2" not in feats:
+        pytest.skip("host without AVX2")
+    return ",".join(feats)
 
 
 @pytest.mark.slow
@@ -384,13 +393,6 @@ def test_host_kernel_uses_vnni_when_available_and_loads_from_the_cache(tmp_path)
 @pytest.mark.parametrize("drop", ["vnni", "avx512"])
 def test_portable_fallback_is_exact(tmp_path, drop):
     """Without AVX512-VNNI (or without any AVX-512) the generic IR compiles to vpmaddwd and stays exact."""
-    feats = _host_features().split(",")
-    if drop == "vnni":
-        feats = [f"-{f[1:]}" if f in ("+avx512vnni", "+avxvnni") else f for f in feats]
-    else:
-        feats = [f"-{f[1:]}" if f.startswith("+avx512") or f == "+avxvnni" else f for f in feats]
-    if "+avx2" not in feats:
-        pytest.skip("host without AVX2")
-    got = _probe(tmp_path, ",".join(feats))
+    got = _probe(tmp_path, portable_features(drop))
     assert got["ok"] and got["instruction"] == "vpmaddwd"
     assert got["ops"].get("vpmaddwd", 0) > 0 and "vpdpbusd" not in got["ops"]

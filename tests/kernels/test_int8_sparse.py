@@ -17,7 +17,7 @@ from sparseinfer.kernels import dense as D
 from sparseinfer.kernels import int8 as Q
 from sparseinfer.kernels import int8_sparse as S
 from sparseinfer.passes.quantize import block_density_4x1
-from tests.kernels.test_int8 import ACTIVATION, _host_features, acc_reference, quantize
+from tests.kernels.test_int8 import ACTIVATION, acc_reference, portable_features, quantize
 from tests.tolerances import INT8_ATOL, INT8_RTOL
 
 # M crosses the 16-row relayout tasks, the 16/32/64/128-lane tiles and the 128-row chunks
@@ -380,14 +380,7 @@ def test_vnni_on_the_host_and_the_portable_fallback_are_exact(tmp_path, drop):
     the pmaddwd form is exact."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     if drop:
-        feats = _host_features().split(",")
-        if drop == "vnni":
-            feats = [f"-{f[1:]}" if f in ("+avx512vnni", "+avxvnni") else f for f in feats]
-        else:
-            feats = [f"-{f[1:]}" if f.startswith("+avx512") or f == "+avxvnni" else f for f in feats]
-        if "+avx2" not in feats:
-            pytest.skip("host without AVX2")
-        env["NUMBA_CPU_FEATURES"] = ",".join(feats)
+        env["NUMBA_CPU_FEATURES"] = portable_features(drop)
     proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
