@@ -159,16 +159,20 @@ def _lower_sparse(plan: Plan, node: Node, ops: DenseOperands) -> Step | None:
         names["chain"], names["crange"] = link.workspace, f"{link.workspace}__range"
         plan.workspaces.update({names["chain"]: link_shapes["chain"], names["crange"]: link_shapes["crange"]})
 
-    def call(env, out, arena):
+    def scratch(arena):  # the workspace views in the kernel's order, once per arena
         ws = k_int8_sparse.as_kernel_operands({a: arena[names[a]] for a in ("xq", "x_scale", "x_zp", "xt", "xs", "ot")}, m)
-        xq, xs, xz, xt, xsc, ot = ws["xq"], ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"]
         if link is None:
             chain, crange = k_int8_sparse.NO_CHAIN, k_int8_sparse.NO_RANGE
         else:
             chain, crange = arena[names["chain"]], arena[names["crange"]]
+        return ws["xq"], ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"], chain, crange
+
+    key = object()
+
+    def call(env, out, arena):
         xin = None if src else _rows(env[x])
         res = None if residual is None else _rows(env[residual])
-        kernel(xin, indptr, indices, data, w_scale, colsum, b, res, out.reshape(-1, n), act, xq, xs, xz, xt, xsc, ot, chain, crange, mode)
+        kernel(xin, indptr, indices, data, w_scale, colsum, b, res, out.reshape(-1, n), act, *arena.derived(key, scratch), mode)
 
     flops = 2 * m * int(np.count_nonzero(ops.weight))
     if dst is None:
