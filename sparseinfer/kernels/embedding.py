@@ -20,12 +20,10 @@ NumPy references: ``embedding`` and ``attention_mask_row`` in ``sparseinfer/grap
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
-from .norm import _row_sqdev, _row_sum
+from .norm import normalize_row
 
 __all__ = ["MAX_TERMS", "attention_mask_row", "embedding_layernorm", "embedding_layernorm_serial", "pad_terms", "readonly"]
 
@@ -51,7 +49,6 @@ def _embed_rows(ids, tables, count, gamma, beta, eps, out, r0, r1):
     reference taken is an atomic reference-count update (per row, that cost a third of the time).
     Padded entries (t >= count) are a valid (ids[0], tables[0]) pair: their row views are safe."""
     n_cols = out.shape[1]
-    inv_n = 1.0 / n_cols
     t0, t1, t2, t3 = tables
     d0, d1, d2, d3 = ids
     for r in range(r0, r1):
@@ -74,12 +71,7 @@ def _embed_rows(ids, tables, count, gamma, beta, eps, out, r0, r1):
         else:
             for j in range(n_cols):
                 o[j] = ((a[j] + b[j]) + c[j]) + d[j]
-        # norm.layernorm_packed's arithmetic, step for step (bit-identical to it)
-        mu = _row_sum(out, r, n_cols) * inv_n
-        var = _row_sqdev(out, r, n_cols, mu) * inv_n
-        rstd = 1.0 / math.sqrt(var + np.float64(eps))
-        for j in range(n_cols):
-            o[j] = np.float32((np.float64(o[j]) - mu) * rstd) * gamma[j] + beta[j]
+        normalize_row(out, r, n_cols, out, gamma, beta, eps)  # norm.layernorm_packed's arithmetic: the same bits
 
 
 @njit(nogil=True, error_model="numpy", parallel=True, cache=True)

@@ -3,13 +3,27 @@
     s   = x (+ residual)
     out = (s - mean(s)) / sqrt(var(s) + eps) * gamma + beta
 
-over the last axis of ``[M, N]`` rows (biased variance, two-pass, in fp32
-with the sums in fp32 - the same arithmetic as the decomposed ONNX pattern
-ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add and LayerNormalization).
+over the last axis of ``[M, N]`` rows (biased variance, two passes: the
+semantics of the decomposed ONNX pattern ReduceMean/Sub/Pow/ReduceMean/Add/
+Sqrt/Div/Mul/Add and of LayerNormalization).
+
+Arithmetic (:func:`normalize_row`): the row sum in float64 (an fp32 mean of a
+near-constant row is off by an ulp, which ``1/sqrt(eps)`` magnifies); the
+mean split into a float32 head and tail ``mh + ml``, so that the deviations
+``(s - mh) - ml`` are float32 and exact where ``s`` is near the mean; the sum
+of their squares in float32 (16 lanes; the variance needs only a relative
+accuracy); ``rstd`` rounded to float32, and the output
+``dev * rstd * gamma + beta`` in float32.  Against the previous all-float64
+deviations and normalisation: within 1e-6 of it on BERT-like rows, 11.5 ->
+9.4 us per 128 x 768 call (2 threads, Zen 5; ``/tmp``-copy A/B, medians of
+2000 calls), a float32 vector being 16 lanes where a float64 one is 8 and
+needs two conversions.
 
 One ``prange`` over blocks of rows; each task owns its rows of ``out``.
 ``out`` may alias ``x`` (or ``residual``).  Only the two row sums are compiled
-with ``fastmath`` (reassociation, so they vectorise).
+with ``fastmath`` (reassociation, so they vectorise); the deviation is a
+function of its own, compiled without it, so that its two subtractions keep
+their order when it is inlined into a reassociating loop.
 
 NumPy reference::
 
@@ -42,34 +56,47 @@ def _row_sum(a, r, n):
     return s
 
 
+@njit(nogil=True, error_model="numpy", cache=True)
+def _deviation(v, mh, ml):
+    """``v - mean`` in float32, the mean given as ``mh + ml`` (no ``reassoc``: the order stays)."""
+    return (v - mh) - ml
+
+
 @njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
-def _row_sqdev(a, r, n, mu):
-    s = 0.0
+def _row_sqdev(a, r, n, mh, ml):
+    s = np.float32(0.0)
     for j in range(n):
-        d = np.float64(a[r, j]) - mu
+        d = _deviation(a[r, j], mh, ml)
         s += d * d
     return s
+
+
+@njit(nogil=True, error_model="numpy", fastmath={"contract"}, cache=True)
+def normalize_row(src, r, n, out, gamma, beta, eps):
+    """``out[r, :n] = layernorm(src[r, :n]) * gamma + beta`` (see the module docstring; ``out``
+    may be ``src``). The embedding kernel calls it too, so both compute the same bits."""
+    mu = _row_sum(src, r, n) / n
+    mh = np.float32(mu)
+    ml = np.float32(mu - np.float64(mh))
+    var = np.float64(_row_sqdev(src, r, n, mh, ml)) / n
+    rstd = np.float32(1.0 / math.sqrt(var + np.float64(eps)))
+    for j in range(n):
+        out[r, j] = _deviation(src[r, j], mh, ml) * rstd * gamma[j] + beta[j]
 
 
 @njit(nogil=True, error_model="numpy", parallel=True, cache=True)
 def layernorm_packed(x, residual, gamma, beta, eps, out):
     """out = layernorm(x + residual) (residual may be None); x/out [M, N]."""
     M, N = x.shape
-    inv_n = 1.0 / N
     ntask = (M + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for t in prange(ntask):
         for r in range(t * _ROWS_PER_TASK, min(M, (t + 1) * _ROWS_PER_TASK)):
             if residual is not None:
                 for j in range(N):
                     out[r, j] = x[r, j] + residual[r, j]
-                src = out
+                normalize_row(out, r, N, out, gamma, beta, eps)
             else:
-                src = x
-            mu = _row_sum(src, r, N) * inv_n
-            var = _row_sqdev(src, r, N, mu) * inv_n
-            rstd = 1.0 / math.sqrt(var + np.float64(eps))
-            for j in range(N):
-                out[r, j] = np.float32((np.float64(src[r, j]) - mu) * rstd) * gamma[j] + beta[j]
+                normalize_row(x, r, N, out, gamma, beta, eps)
 
 
 def layernorm(x, gamma, beta, eps=1e-12, residual=None, out=None):
