@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import sparseinfer
 from sparseinfer import Engine
 from sparseinfer.graph import Graph, Node, TensorInfo, import_onnx, run_graph
 from sparseinfer.graph.reference import ENGINE_DOMAIN
@@ -181,6 +182,26 @@ def test_outputs_handed_out_are_not_overwritten_by_the_next_run(path):
     second = plan.run(make_inputs(manifest_entry(path), BATCH, SEQ, seed=99))
     assert any(not np.allclose(a, b) for a, b in zip(kept, second))  # the inputs did change the outputs
     for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("block", "quantize"), [(None, None), ((4, 1), "int8")])
+def test_a_reused_arena_gives_each_run_its_own_result(block, quantize):
+    """Steps keep the views they derive from their arena's buffers from the first run in it
+    (`Arena.derived`: sparse and int8 workspaces, the attention's); a later run in that arena
+    with other inputs must compute what a fresh engine computes."""
+    path = "bert-sequence-classification/model.onnx"
+    model = sparseinfer.prune(FIXTURES / path, sparsity=0.9, block=block)
+    engine = Engine(model, quantize=quantize, num_threads=2)
+    first, second = (make_inputs(manifest_entry(path), BATCH, SEQ, seed=s) for s in (7, 8))
+    kept = [a.copy() for a in engine.run(first)]
+    again = engine.run(second)
+    (plan,) = engine._plans.values()
+    assert plan._arenas.qsize() == 1  # both runs used the one arena
+    assert any(not np.array_equal(a, b) for a, b in zip(kept, again))  # the inputs did change the outputs
+    for a, b in zip(again, Engine(model, quantize=quantize, num_threads=2).run(second)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(engine.run(first), kept):
         np.testing.assert_array_equal(a, b)
 
 
