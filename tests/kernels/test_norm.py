@@ -52,6 +52,17 @@ def test_layernorm_of_constant_rows_is_beta():
     np.testing.assert_allclose(layernorm(x, g, b, 1e-12), ref, **tolerance("layernorm", np.float32))
 
 
+@pytest.mark.parametrize("scale", [1e18, 1e25, 1e36])
+def test_layernorm_of_huge_values_matches_the_reference(scale):
+    """Deviations whose float32 squares overflow: those rows are normalised in float64."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 50)) * scale).astype(np.float32)
+    g, b = rng.standard_normal(50).astype(np.float32), rng.standard_normal(50).astype(np.float32)
+    out = layernorm(x, g, b, 1e-12)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected(x, g, b, 1e-12), **tolerance("layernorm", np.float32))
+
+
 def test_layernorm_of_no_rows():
     out = layernorm(np.zeros((0, 7), np.float32), np.ones(7, np.float32), np.zeros(7, np.float32))
     assert out.shape == (0, 7)
