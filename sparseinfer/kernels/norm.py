@@ -21,7 +21,7 @@ threads, Zen 5; ``/tmp``-copy A/B, medians of 2000 calls), a float32 vector
 being 16 lanes where a float64 one is 8 and needs two conversions.
 
 One ``prange`` over blocks of rows; each task owns its rows of ``out``.
-``out`` may alias ``x`` (or ``residual``).  Only the two row sums are compiled
+``out`` may alias ``x`` (or ``residual``).  Only the row sums are compiled
 with ``fastmath`` (reassociation, so they vectorise); the deviation is a
 function of its own, compiled without it, so that its two subtractions keep
 their order when it is inlined into a reassociating loop.
