@@ -429,6 +429,11 @@ def _chain_store(ot, slot, chain, crange, ch, j0, nj):
     kept in ``crange[slot, ch]`` as the order-preserving int32 keys of :func:`_row_range`
     (lower bound in ``[.., 0, :]``, upper in ``[.., 1, :]``; they start at 0, so 0 is included)."""
     L = ot.shape[2]
+    if crange.shape[1] == 0:  # no ranges wanted (the consumer is not a quantizing matmul)
+        for j in range(nj):
+            for i in range(L):
+                chain[ch, j0 + j, i] = ot[slot, j, i]
+        return
     bits = ot.view(np.int32)
     for j in range(nj):
         n = j0 + j
@@ -709,22 +714,19 @@ def _make_kernel(NV):
         otv = ot.view(out.dtype)  # int32 sums, or float32 results
         cr = crange.view(np.int32)  # the chain's row ranges as order-preserving keys
         nparts = ot.shape[0]
+        ranged = cr.shape[1] > 0  # CHAIN_WRITE with NO_RANGE: the rows' ranges are not kept
         if mode != CHAIN_NONE:
             if x_scale is None or (mode == CHAIN_READ) != (X is None):
                 raise ValueError("a chained call has float32 results, and X only when it writes the chain")
-            if (
-                chain.shape[0] < nch
-                or chain.shape[2] != L
-                or cr.shape[0] != nparts
-                or cr.shape[1] < nch
-                or cr.shape[2] != 2
-                or cr.shape[3] != L
-            ):
+            if chain.shape[0] < nch or chain.shape[2] != L:
                 raise ValueError("chain workspace does not match the kernel (use chain_workspace_shapes)")
+            if (ranged or mode == CHAIN_READ) and (cr.shape[0] != nparts or cr.shape[1] < nch or cr.shape[2] != 2 or cr.shape[3] != L):
+                raise ValueError("chain range workspace does not match the kernel (use chain_workspace_shapes)")
         if mode == CHAIN_WRITE:
             if residual is not None or chain.shape[1] < N:
                 raise ValueError("a result written to the chain has no residual and fits its rows")
-            cr[:, :nch] = 0
+            if ranged:
+                cr[:, :nch] = 0
         if mode == CHAIN_READ:
             G = xq.shape[1] // KG
             if chain.shape[1] > G * KG:
@@ -793,7 +795,10 @@ def sparse_int8_kernel(M: int, lanes: int | None = None):
       ``NO_RANGE``); ``CHAIN_WRITE``: the float32 result, activation applied,
       goes to ``chain [nchunk, >= N, L]`` transposed (``chain[ch, n, i] =
       Y[ch * L + i, n]``) with each row's range in ``crange``, and ``out`` is
-      not written (pass a ``[0, N]`` array; no residual); ``CHAIN_READ`` (with
+      not written (pass a ``[0, N]`` array; no residual); with ``crange`` =
+      ``NO_RANGE`` the ranges are not kept (a consumer that does not quantize
+      per row from them, :func:`~sparseinfer.kernels.attention_int8.
+      attention_int8_chained`); ``CHAIN_READ`` (with
       ``X=None``): the input is the ``chain`` / ``crange`` of such a call,
       quantized from there (bit-identical to quantizing ``Y`` row by row) and
       ``xq``, ``x_scale``, ``x_zp`` are not used.  ``chain`` and ``crange``

@@ -16,7 +16,8 @@ as its nonzero 4 x 1 blocks, the rows quantized inside the kernel's first parall
 same scratch, its relaid activations and output columns in workspaces shared per shape as well.
 Two such steps where the first's result is read only by the second (BERT's FF1 -> FF2) are
 chained (`find_int8_chains`): the intermediate goes from one to the other transposed, in a
-workspace, never as a row-major tensor.
+workspace, never as a row-major tensor. A fused Q/K/V projection on the sparse int8 kernel hands
+its result to the int8 attention the same way (`find_attention_chains`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..graph import Node
 from ..graph.reference import ENGINE_DOMAIN
+from ..kernels import attention_int8 as k_attention_int8
 from ..kernels import int8 as k_int8
 from ..kernels import int8_sparse as k_int8_sparse
 from .sparse_lowering import Chain, link_chains
@@ -130,6 +132,60 @@ def find_int8_chains(plan: Plan) -> dict[str, Chain]:
     return link_chains(graph, link, through=False)
 
 
+def find_attention_chains(plan: Plan, chains: dict[str, Chain]) -> dict[str, Chain]:
+    """Fused Q/K/V projections handed to the int8 attention feature-major: a sparse int8 Dense (no
+    residual, not reading a chain of ``chains``) whose result only an int8 Attention reads, as its
+    q, k and v at once, writes that result transposed to a workspace (``CHAIN_WRITE``, no row
+    ranges) and the attention quantizes its heads from there
+    (:func:`~sparseinfer.kernels.attention_int8.attention_int8_chained`, bit-identical). What it
+    saves: the attention's per-head quantization reads rows across the projection and reduces
+    them horizontally; from the transposed layout the reductions are lane-wise and four rows of
+    quantized keys are one packed word. Heads of a length and width the chained kernel takes
+    (multiples of 64), and a mask the attention step takes (`attention_mask_ok`)."""
+    from .plan import dense_operands
+
+    graph = plan.graph
+    readers: dict[str, int] = {}
+    for node in graph.nodes:
+        for name in set(node.inputs):
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    producers = {node.outputs[0]: node for node in graph.nodes if node.outputs}
+    consumers = {id(c.consumer) for c in chains.values()}
+    found: dict[str, Chain] = {}
+    for node in graph.nodes:
+        if node.domain != ENGINE_DOMAIN or node.op != "Attention" or node.attrs.get("quantize") != "int8":
+            continue
+        q, k, v = node.inputs[:3]
+        producer = producers.get(q)
+        if not (q == k == v) or producer is None or readers.get(q) != 1 or q in graph.outputs or id(producer) in consumers:
+            continue
+        if not _runs_sparse_int8(producer) or len(producer.outputs) != 1:
+            continue
+        b, s = graph.info(q).shape[:2]
+        hd = node.attrs.get("hidden", 0) or graph.info(q).shape[2]
+        d = hd // node.attrs["num_heads"]
+        ops = dense_operands(graph, producer)
+        if ops is None or ops.residual is not None or ops.m != b * s or not attention_mask_ok(graph, node):
+            continue
+        if not k_attention_int8.chained_supported(s, d) or packed_sparse_int8(plan, ops.w) is None:
+            continue
+        shape = k_int8_sparse.chain_workspace_shapes(ops.m, ops.n)["chain"]
+        found[q] = Chain(q, producer, node, f"Attention_int8__qkv__{'x'.join(map(str, shape))}", shape)
+    return found
+
+
+def attention_mask_ok(graph, node: Node) -> bool:
+    """Whether the attention step takes `node`'s mask: none, or additive ``[B or 1, 1, 1, S or 1]``
+    (a mask varying per query row or head goes to the reference executor)."""
+    mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+    if mask is None:
+        return True
+    b, s = graph.info(node.inputs[0]).shape[:2]
+    ms = graph.info(mask).shape
+    return len(ms) == 4 and ms[1] == 1 and ms[2] == 1 and ms[0] in (1, b) and ms[3] in (1, s)
+
+
 def _runs_sparse_int8(node: Node) -> bool:
     return node.domain == ENGINE_DOMAIN and node.op == "Dense" and node.attrs.get("quantize") == "int8" and _sparse_int8(node)
 
@@ -154,17 +210,22 @@ def _lower_sparse(plan: Plan, node: Node, ops: DenseOperands) -> Step | None:
     dst = plan.sparse_chains.get(node.outputs[0])
     link = src or dst
     mode = k_int8_sparse.CHAIN_READ if src else k_int8_sparse.CHAIN_WRITE if dst else k_int8_sparse.CHAIN_NONE
+    ranged = link is not None and link.consumer.op != "Attention"  # the attention does not need the row ranges
     if link is not None:
         link_shapes = k_int8_sparse.chain_workspace_shapes(m, link.shape[1])
-        names["chain"], names["crange"] = link.workspace, f"{link.workspace}__range"
-        plan.workspaces.update({names["chain"]: link_shapes["chain"], names["crange"]: link_shapes["crange"]})
+        names["chain"] = link.workspace
+        plan.workspaces[names["chain"]] = link_shapes["chain"]
+        if ranged:
+            names["crange"] = f"{link.workspace}__range"
+            plan.workspaces[names["crange"]] = link_shapes["crange"]
 
     def scratch(arena):  # the workspace views in the kernel's order, once per arena
         ws = k_int8_sparse.as_kernel_operands({a: arena[names[a]] for a in ("xq", "x_scale", "x_zp", "xt", "xs", "ot")}, m)
         if link is None:
             chain, crange = k_int8_sparse.NO_CHAIN, k_int8_sparse.NO_RANGE
         else:
-            chain, crange = arena[names["chain"]], arena[names["crange"]]
+            chain = arena[names["chain"]]
+            crange = arena[names["crange"]] if ranged else k_int8_sparse.NO_RANGE
         return ws["xq"], ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"], chain, crange
 
     key = object()

@@ -26,7 +26,7 @@ from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 from ..kernels.sparse_formats import aligned_empty
 from .embedding_lowering import lower_attention_mask_row, lower_embedding
-from .int8_lowering import find_int8_chains, lower_dense_int8
+from .int8_lowering import attention_mask_ok, find_attention_chains, find_int8_chains, lower_dense_int8
 from .quant_lowering import lower_integer_matmul, lower_qdense
 from .sparse_lowering import find_chains, lower_sparse_dense
 
@@ -84,6 +84,8 @@ class Plan:
         self.workspaces: dict[str, tuple[int, ...]] = {}  # per-arena float32 scratch arrays kernels ask for
         # sparse Dense pairs sharing a workspace (fp32, and int8 pairs on the sparse int8 kernel)
         self.sparse_chains = {**find_chains(graph), **find_int8_chains(self)} if chain_sparse else {}
+        if chain_sparse:  # and fused Q/K/V projections handed to the int8 attention transposed
+            self.sparse_chains.update(find_attention_chains(self, self.sparse_chains))
         self.steps = [self._lower(n) for n in graph.nodes]
         self.buffers = self._plan_buffers()
         self._consts = {n: v.const for n, v in graph.values.items() if v.is_const}
@@ -209,10 +211,9 @@ class Plan:
         cols = [int(node.attrs.get(f"{t}_offset", 0)) for t in "qkv"]
         h = node.attrs["num_heads"]
         d = hd // h
-        if mask is not None:
-            ms = g.info(mask).shape
-            if len(ms) != 4 or ms[1] != 1 or ms[2] != 1 or ms[0] not in (1, b) or ms[3] not in (1, s):
-                return None  # a mask varying per query row (or head): the reference handles it
+        if not attention_mask_ok(g, node):
+            return None  # a mask varying per query row (or head): the reference handles it
+        ms = g.info(mask).shape if mask is not None else None
         scale = np.float32(node.attrs["scale"])
         int8 = node.attrs.get("quantize") == "int8"  # the int8 kernel (kernels/attention_int8.py)
         kmod = k_attention_int8 if int8 else k_attention
@@ -227,6 +228,8 @@ class Plan:
 
         per_row_mask = mask is not None and (ms[0], ms[3]) == (b, s)  # nothing to broadcast
         key = object()
+        chain = self.sparse_chains.get(q)  # Q, K, V transposed in a workspace (find_attention_chains)
+        chain = chain.workspace if chain is not None and chain.consumer is node else None
 
         def call(env, out, arena):
             m = None
@@ -235,6 +238,9 @@ class Plan:
                 m = np.ascontiguousarray(m if per_row_mask else np.broadcast_to(m, (b, s)), np.float32)
             wss = arena.derived(key, lambda a: [a[n] for n in ws_names])
             threads = max(1, min(k_attention.numba.get_num_threads(), wss[0].shape[0], b * h))
+            if chain is not None:
+                k_attention_int8.attention_int8_chained(arena[chain], *cols, m, b, s, h, d, scale, _out_rows(out), wss[0], threads)
+                return
             xq = _rows(env[q])  # BERT's Q, K and V are column ranges of one fused projection
             xk = xq if k == q else _rows(env[k])
             xv = xq if v == q else _rows(env[v])

@@ -28,6 +28,7 @@ from sparseinfer.kernels.attention import attention
 from sparseinfer.kernels.attention_int8 import (
     KB,
     attention_int8,
+    attention_int8_fm,
     make_workspace,
     matmul_u8s8,
     pack_keys,
@@ -312,6 +313,64 @@ def test_bad_arguments_are_reported():
         assert "workspace" in str(exc)
     else:
         raise AssertionError("no error for a mismatched workspace")
+
+
+# ---------------------------------------------------------------- Q, K, V feature-major
+
+
+def feature_major(qkv: np.ndarray, lanes: int) -> np.ndarray:
+    """``qkv [T, N]`` in the sparse int8 kernel's chain layout: ``chain[t // lanes, n, t % lanes]``
+    (the lanes past ``T`` hold garbage, which must not matter)."""
+    T, N = qkv.shape
+    nch = -(-T // lanes)
+    chain = np.full((nch * lanes, N), np.float32(7.5e30))
+    chain[:T] = qkv
+    return np.ascontiguousarray(chain.reshape(nch, lanes, N).transpose(0, 2, 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(1, 3),
+    S=st.sampled_from([64, 128, 192]),
+    H=st.integers(1, 3),
+    D=st.sampled_from([64, 128]),
+    lanes=st.sampled_from([16, 32, 64, 128]),
+    mask_kind=st.sampled_from(["none", "padded", "one_key", "real"]),
+    data=st.sampled_from(["random", "peaked", "zero", "zero_qk", "huge", "tiny"]),
+)
+@example(seed=0, B=1, S=128, H=2, D=64, lanes=128, mask_kind="padded", data="random")  # BERT's heads
+@example(seed=1, B=3, S=64, H=1, D=128, lanes=128, mask_kind="real", data="huge")  # two batch rows per chunk
+@example(seed=2, B=2, S=192, H=2, D=64, lanes=16, mask_kind="one_key", data="tiny")  # a head across 12 chunks
+def test_feature_major_projection_gives_the_same_bits(seed, B, S, H, D, lanes, mask_kind, data):
+    """attention_int8_fm reads Q, K, V transposed (the sparse int8 kernel's chain layout) and
+    quantizes them lane-wise: the same operands, so the same result as attention_int8 on the
+    row-major projection, bit for bit (which test_attention_int8_against_reference checks)."""
+    rng = np.random.default_rng(seed)
+    qkv, cols, scale = make_data(rng, B, S, H, D, data)
+    qkv[:, int(rng.integers(0, qkv.shape[1]))] = 0.0  # a zero feature
+    mask = make_mask(rng, mask_kind, B, S)
+    ref = attention_int8(qkv, qkv, qkv, mask, B, S, H, D, scale=scale, q_col=cols[0], k_col=cols[1], v_col=cols[2])
+    out = np.full_like(ref, np.nan)
+    chain = feature_major(qkv, lanes)
+    attention_int8_fm(chain, mask, B, S, H, D, scale=scale, q_col=cols[0], k_col=cols[1], v_col=cols[2], out=out)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_feature_major_bad_arguments_are_reported():
+    chain = np.zeros((1, 3 * 64, 128), np.float32)
+    for args, kwargs, match in (
+        ((chain, None, 1, 48, 1, 64), {}, "multiples of 64"),
+        ((chain, None, 1, 64, 1, 32), {}, "multiples of 64"),
+        ((chain.astype(np.float64), None, 1, 64, 1, 64), {}, "float32"),
+        ((np.zeros((1, 192, 24), np.float32), None, 1, 64, 1, 64), {}, "multiple of 16"),
+        ((chain, None, 2, 128, 1, 64), {}, "fewer than"),
+        ((chain, None, 1, 64, 1, 64), {"v_col": 160}, "exceeds"),
+        ((chain, np.zeros((1, 5), np.float32), 1, 64, 1, 64), {}, "mask"),
+        ((chain, None, 1, 64, 1, 64), {"workspace": make_workspace(128, 64)}, "workspace"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            attention_int8_fm(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- the portable build

@@ -254,6 +254,34 @@ def test_chained_pair_equals_two_calls(seed, M, K, H, density, use_bias, use_res
     np.testing.assert_array_equal(out, expect)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.sampled_from(ROWS),
+    K=st.integers(1, 70),
+    N=st.integers(1, 90),
+    density=st.floats(0.0, 1.0),
+    act=st.sampled_from(sorted(ACTIVATION)),
+)
+def test_chain_write_without_ranges(seed, M, K, N, density, act):
+    """CHAIN_WRITE with NO_RANGE (the int8 attention's input) writes the result transposed, the
+    same bits as the call that returns it row-major, and keeps no row ranges."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, (M, K)).astype(np.float32)
+    W = rng.uniform(-1, 1, (K, N)).astype(np.float32) * (sparse_int8_weight(rng, K, N, density, "4x1") != 0)
+    bias = rng.uniform(-1, 1, N).astype(np.float32)
+    packed, w_scale, colsum = S.pack_weight_sparse_int8(W)
+    expect = S.quantized_sparse_dense(X, packed, w_scale, colsum, bias, act=act)
+    ws = S.make_workspace(M, K)
+    chain = np.full(S.chain_workspace_shapes(M, N)["chain"], np.nan, np.float32)
+    S.sparse_int8_kernel(M)(
+        X, *packed, w_scale, colsum, bias, None, np.empty((0, N), np.float32), act,
+        ws["xq"], ws["x_scale"], ws["x_zp"], ws["xt"], ws["xs"], ws["ot"], chain, S.NO_RANGE, S.CHAIN_WRITE,
+    )  # fmt: skip
+    rows = chain.transpose(0, 2, 1).reshape(-1, N)[:M]  # chain[t // L, n, t % L] = Y[t, n]
+    np.testing.assert_array_equal(rows, expect)
+
+
 def test_chain_rejects_bad_use():
     M, K, H = 20, 12, 16
     X = np.ones((M, K), np.float32)

@@ -7,6 +7,8 @@ bounded relative to each output's range, as for the dense int8 engine)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -119,3 +121,39 @@ def test_k_not_a_multiple_of_4():
     assert node.attrs["layout"] == "bsr" and check_int8_steps_layer_by_layer(plan, {"x": x}) == 1
     dense = Engine(model, quantize="int8", pass_config={"quantize_layers": "all", "quantize_sparse_max_density": 0})
     np.testing.assert_array_equal(engine.run({"x": x})[0], dense.run({"x": x})[0])
+
+
+@functools.cache
+def wide_head_bert():
+    """A 2-layer BERT whose heads are 64 wide (BERT-base's), built by the benchmarks' builder
+    (onnx.helper, random weights), pruned to 90% in 4x1 blocks: the fixtures' heads are 8 wide."""
+    spec = importlib.util.spec_from_file_location("bert_base", Path(__file__).parents[2] / "benchmarks" / "bert_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build_bert(num_layers=2, hidden=128, heads=2, ffn=256, vocab=500, max_pos=256)
+    return sparseinfer.prune(model, sparsity=0.9, block=(4, 1))
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 128), (3, 64), (2, 40)])
+def test_qkv_projection_reaches_the_int8_attention_transposed(batch, seq):
+    """The fused Q/K/V projection writes its result transposed and the int8 attention quantizes its
+    heads from there (heads 64 wide, sequences a multiple of 64); outputs equal, bit for bit, the
+    unchained plan's, where the attention reads the row-major projection (the same quantized
+    operands). Other sequence lengths keep the row-major hand-over."""
+    engine = Engine(wide_head_bert(), quantize="int8", num_threads=2)
+    rng = np.random.default_rng(seq)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1:, seq - seq // 4 :] = 0
+    feeds = {
+        "input_ids": rng.integers(0, 500, (batch, seq)).astype(np.int64),
+        "attention_mask": mask,
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
+    plan = engine.plan(feeds)
+    chained = [c for c in plan.sparse_chains.values() if c.consumer.op == "Attention"]
+    assert len(chained) == (2 if seq % 64 == 0 else 0)
+    assert all(c.workspace.startswith("Attention_int8__qkv") and c.producer.op == "Dense" for c in chained)
+    unchained = Plan(plan.graph, chain_sparse=False)
+    assert not unchained.sparse_chains
+    for a, b in zip(engine.run(feeds), unchained.run(feeds)):
+        np.testing.assert_array_equal(a, b)
