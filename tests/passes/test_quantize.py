@@ -180,7 +180,9 @@ def attention_marks(graph: Graph) -> list:
     return [n.attrs.get("quantize") for n in graph.nodes if n.domain == ENGINE_DOMAIN and n.op == "Attention"]
 
 
-@pytest.mark.parametrize(("setting", "expected"), [({}, "int8"), ({"quantize_attention": True}, "int8"), ({"quantize_attention": False}, None)])
+@pytest.mark.parametrize(
+    ("setting", "expected"), [({}, "int8"), ({"quantize_attention": True}, "int8"), ({"quantize_attention": False}, None)]
+)
 def test_attention_runs_in_int8_unless_turned_off(setting, expected):
     before, after, feeds = quantized(quantize="int8", **setting)
     assert attention_marks(before) == [None, None]
