@@ -72,7 +72,17 @@ quantization and relayout.  Measured on the 90% (4x1) pruned int8 BERT-base,
 batch 1, sequence 128, 2 threads, chained and unchained engines alternating
 in one process (Zen 5, load < 1): run median 8.76 -> 8.33 ms, and in
 ``Engine.profile`` the attention-output + FF1 + FF2 steps of the 12 layers
-4.72-4.79 -> 4.27-4.36 ms.
+4.72-4.79 -> 4.27-4.36 ms.  The epilogue stores a finished column straight
+into its row of ``chain`` and applies the activation there (the column is in
+L1); the ranges are taken per task from ``chain``.  It used to go through
+the thread's slot of ``ot`` like an unchained column and be copied to
+``chain`` per task, by then from L2: 1.5 MB written and read again for
+FF1's 128 x 3072 result.  Same-process alternating engines (the previous
+kernel and this one): run 7.62 -> 7.35 ms and 8.74 -> 8.55 ms (noisy host),
+FF1 alone 200 -> 197 us, the Q/K/V projection (whose result goes to the
+int8 attention without ranges) 117 -> 104 us.  Storing the column in the
+slot and calling the copy per column, right after its activation, was 1.2-1.3x
+slower for FF1 than the per-task copy; the store in place is not.
 
 Without AVX512-VNNI ``_dpbusd`` is the exact ``pmaddwd`` emulation of the
 dense int8 module, chosen when the kernel is compiled.
@@ -422,24 +432,37 @@ CHAIN_NONE, CHAIN_WRITE, CHAIN_READ = 0, 1, 2  # the kernel's chain modes (spars
 CG = 64  # groups of 4 k per task when a chained input is quantized
 
 
+@njit(nogil=True, error_model="numpy", cache=True, inline="always")
+def _store_acc(ary, off, NV, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The ``NV`` accumulators of a column to ``ary`` at byte ``off`` (``NV`` a literal)."""
+    _vstore(ary, off, a0)
+    if NV > 1:
+        _vstore(ary, off + 64, a1)
+    if NV > 2:
+        _vstore(ary, off + 128, a2)
+        _vstore(ary, off + 192, a3)
+    if NV > 4:
+        _vstore(ary, off + 256, a4)
+        _vstore(ary, off + 320, a5)
+        _vstore(ary, off + 384, a6)
+        _vstore(ary, off + 448, a7)
+
+
 @njit(nogil=True, error_model="numpy", cache=True)
-def _chain_store(ot, slot, chain, crange, ch, j0, nj):
-    """Chained result: ``chain[ch, j0 + j, :] = ot[slot, j, :]`` (the task's finished columns are
-    the next call's rows of ``X.T``), and the range of each lane (a row of the result) over them
-    kept in ``crange[slot, ch]`` as the order-preserving int32 keys of :func:`_row_range`
-    (lower bound in ``[.., 0, :]``, upper in ``[.., 1, :]``; they start at 0, so 0 is included)."""
-    L = ot.shape[2]
-    if crange.shape[1] == 0:  # no ranges wanted (the consumer is not a quantizing matmul)
-        for j in range(nj):
-            for i in range(L):
-                chain[ch, j0 + j, i] = ot[slot, j, i]
+def _chain_range(chain, crange, slot, ch, j0, nj):
+    """Chained result: the task's finished columns are already the next call's rows of ``X.T``
+    (``chain[ch, j0 + j, :]``, written by the epilogue); keep the range of each lane (a row of
+    the result) over them in ``crange[slot, ch]`` as the order-preserving int32 keys of
+    :func:`_row_range` (lower bound in ``[.., 0, :]``, upper in ``[.., 1, :]``; they start at 0, so
+    0 is included).  Nothing to do when no ranges are kept (``crange`` = ``NO_RANGE``)."""
+    if crange.shape[1] == 0:
         return
-    bits = ot.view(np.int32)
+    L = chain.shape[2]
+    bits = chain.view(np.int32)
     for j in range(nj):
         n = j0 + j
         for i in range(L):
-            chain[ch, n, i] = ot[slot, j, i]
-            key = _ordered(bits[slot, j, i])
+            key = _ordered(bits[ch, n, i])
             crange[slot, ch, 0, i] = min(crange[slot, ch, 0, i], key)
             crange[slot, ch, 1, i] = max(crange[slot, ch, 1, i], key)
 
@@ -447,7 +470,7 @@ def _chain_store(ot, slot, chain, crange, ch, j0, nj):
 @njit(nogil=True, error_model="numpy", cache=True)
 def _chain_params(crange, xs, M):
     """The rows' ``DynamicQuantizeLinear`` scale and zero point from the ranges every part of
-    the producing call kept (:func:`_chain_store`) into ``xs`` (as :func:`_row_params`; zero
+    the producing call kept (:func:`_chain_range`) into ``xs`` (as :func:`_row_params`; zero
     past ``M``): the row's range is the range of all its values, as :func:`_row_range` finds it."""
     L = xs.shape[2]
     for ch in range((M + L - 1) // L):
@@ -582,7 +605,8 @@ def _columns(
     ``NV`` (accumulators per column, ``L / 16``) is a literal: the accumulators are SSA vector
     values and the branches on ``NV`` are pruned at compile time.
     """
-    VB = 64 * NV  # bytes of one group of xt / one column of ot / one row of xs
+    VB = 64 * NV  # bytes of one group of xt / one column of ot / one row of xs / one row of xnext
+    chained = xnext.shape[0] > 0
     xbase = ch * xt.shape[1] * VB
     zo = ch * 2 * VB  # the chunk's zero points in xs; its scales follow
     sbase = slot * ot.shape[1] * VB
@@ -663,21 +687,15 @@ def _columns(
                         a5 = _vaddf(a5, bn)
                         a6 = _vaddf(a6, bn)
                         a7 = _vaddf(a7, bn)
-            _vstore(ot, so, a0)
-            if NV > 1:
-                _vstore(ot, so + 64, a1)
-            if NV > 2:
-                _vstore(ot, so + 128, a2)
-                _vstore(ot, so + 192, a3)
-            if NV > 4:
-                _vstore(ot, so + 256, a4)
-                _vstore(ot, so + 320, a5)
-                _vstore(ot, so + 384, a6)
-                _vstore(ot, so + 448, a7)
-            if last and x_scale is not None:
-                _activate_column(ot, slot, t, rows, act)
-    if xnext.shape[0] > 0:
-        _chain_store(ot, slot, xnext, mm, ch, j0, nj)
+            if last and chained:  # the finished column straight to its row of the chain
+                _store_acc(xnext, (ch * xnext.shape[1] + n) * VB, NV, a0, a1, a2, a3, a4, a5, a6, a7)
+                _activate_column(xnext, ch, n, rows, act)
+            else:
+                _store_acc(ot, so, NV, a0, a1, a2, a3, a4, a5, a6, a7)
+                if last and x_scale is not None:
+                    _activate_column(ot, slot, t, rows, act)
+    if chained:
+        _chain_range(xnext, mm, slot, ch, j0, nj)
     else:
         _store_columns(ot, slot, out, m0, rows, j0, nj, residual)
 
