@@ -145,34 +145,24 @@ def find_attention_chains(plan: Plan, chains: dict[str, Chain]) -> dict[str, Cha
     from .plan import dense_operands
 
     graph = plan.graph
-    readers: dict[str, int] = {}
-    for node in graph.nodes:
-        for name in set(node.inputs):
-            if name:
-                readers[name] = readers.get(name, 0) + 1
-    producers = {node.outputs[0]: node for node in graph.nodes if node.outputs}
     consumers = {id(c.consumer) for c in chains.values()}
-    found: dict[str, Chain] = {}
-    for node in graph.nodes:
-        if node.domain != ENGINE_DOMAIN or node.op != "Attention" or node.attrs.get("quantize") != "int8":
-            continue
-        q, k, v = node.inputs[:3]
-        producer = producers.get(q)
-        if not (q == k == v) or producer is None or readers.get(q) != 1 or q in graph.outputs or id(producer) in consumers:
-            continue
-        if not _runs_sparse_int8(producer) or len(producer.outputs) != 1:
-            continue
+
+    def link(node: Node, consumer: Node) -> tuple[str, tuple[int, ...]] | None:
+        if consumer.domain != ENGINE_DOMAIN or consumer.op != "Attention" or consumer.attrs.get("quantize") != "int8":
+            return None
+        q, k, v = consumer.inputs[:3]
+        if not (q == k == v == node.outputs[0]) or not _runs_sparse_int8(node) or id(node) in consumers:
+            return None
         b, s = graph.info(q).shape[:2]
-        hd = node.attrs.get("hidden", 0) or graph.info(q).shape[2]
-        d = hd // node.attrs["num_heads"]
-        ops = dense_operands(graph, producer)
-        if ops is None or ops.residual is not None or ops.m != b * s or not attention_mask_ok(graph, node):
-            continue
-        if not k_attention_int8.chained_supported(s, d) or packed_sparse_int8(plan, ops.w) is None:
-            continue
-        shape = k_int8_sparse.chain_workspace_shapes(ops.m, ops.n)["chain"]
-        found[q] = Chain(q, producer, node, f"Attention_int8__qkv__{'x'.join(map(str, shape))}", shape)
-    return found
+        hd = consumer.attrs.get("hidden", 0) or graph.info(q).shape[2]
+        ops = dense_operands(graph, node)
+        if ops is None or ops.residual is not None or ops.m != b * s or not attention_mask_ok(graph, consumer):
+            return None
+        if not k_attention_int8.chained_supported(s, hd // consumer.attrs["num_heads"]) or packed_sparse_int8(plan, ops.w) is None:
+            return None
+        return "Attention_int8__qkv", k_int8_sparse.chain_workspace_shapes(ops.m, ops.n)["chain"]
+
+    return link_chains(graph, link, x_only=False)
 
 
 def attention_mask_ok(graph, node: Node) -> bool:

@@ -58,17 +58,20 @@ def sparse_block(graph: Graph, node: Node) -> tuple[int, int] | None:
     return (1, 1) if layout == "csr" else tuple(int(b) for b in node.attrs["block"])
 
 
-def link_chains(graph: Graph, link: Callable[[Node, Node], tuple[str, tuple[int, ...]] | None], through: bool = True) -> dict[str, Chain]:
+def link_chains(
+    graph: Graph, link: Callable[[Node, Node], tuple[str, tuple[int, ...]] | None], through: bool = True, x_only: bool = True
+) -> dict[str, Chain]:
     """The producer -> consumer pairs of ``graph`` that ``link`` accepts, by intermediate value.
 
     A candidate pair: the producer has one output, read by nothing but one node, as that node's
-    ``x`` input (only), and not a graph output. ``link(producer, consumer)`` says whether the two
-    steps can share a workspace: ``(prefix, shape)`` of the shared array, or None. Chains of the
-    same prefix and shape whose live ranges (producer step to consumer step) do not overlap share
-    one array. ``through=False``: a node that consumes a chain does not also produce one."""
+    ``x`` input (only; with ``x_only=False`` as any of its inputs, e.g. an attention's q, k and v
+    at once), and not a graph output. ``link(producer, consumer)`` says whether the two steps can
+    share a workspace: ``(prefix, shape)`` of the shared array, or None. Chains of the same prefix
+    and shape whose live ranges (producer step to consumer step) do not overlap share one array.
+    ``through=False``: a node that consumes a chain does not also produce one."""
     readers: dict[str, list[Node]] = {}
     for node in graph.nodes:
-        for name in node.inputs:
+        for name in dict.fromkeys(node.inputs):  # each reading node once
             if name:
                 readers.setdefault(name, []).append(node)
     order = {id(node): i for i, node in enumerate(graph.nodes)}
@@ -84,7 +87,7 @@ def link_chains(graph: Graph, link: Callable[[Node, Node], tuple[str, tuple[int,
         if value in outputs or len(users) != 1:
             continue
         consumer = users[0]
-        if not consumer.inputs or consumer.inputs[0] != value or value in consumer.inputs[1:]:
+        if x_only and (consumer.inputs[0] != value or value in consumer.inputs[1:]):
             continue
         linked = link(node, consumer)
         if linked is None:
