@@ -370,15 +370,18 @@ def _qs8v(typingctx, x, pre, inv):
     return i32x16(f32x16, f32x16, f32x16), codegen
 
 
+def _qu8_ir(builder, x, pre, inv, zp):
+    """``clip(rint((x * pre) * inv) + zp, 0, 255)`` as int32 lanes, all four operands vectors."""
+    y = builder.fadd(_rint(builder, builder.fmul(builder.fmul(x, pre), inv)), zp)
+    return builder.fptosi(_fmin(builder, _fmax(builder, y, _fconst(0.0)), _fconst(255.0)), _VI32)
+
+
 @intrinsic
 def _qu8v(typingctx, x, pre, inv, zp):
     """``clip(rint((x * pre) * inv) + zp, 0, 255)`` as int32 lanes (scalars ``pre, inv, zp``)."""
 
     def codegen(context, builder, sig, args):
-        y = builder.fmul(builder.fmul(args[0], _fsplat(builder, args[1])), _fsplat(builder, args[2]))
-        y = builder.fadd(_rint(builder, y), _fsplat(builder, args[3]))
-        y = _fmin(builder, _fmax(builder, y, _fconst(0.0)), _fconst(255.0))
-        return builder.fptosi(y, _VI32)
+        return _qu8_ir(builder, args[0], *(_fsplat(builder, a) for a in args[1:]))
 
     return i32x16(f32x16, types.float32, types.float32, types.float32), codegen
 
@@ -420,14 +423,18 @@ def _ihsum(typingctx, v):
     return types.int32(i32x16), codegen
 
 
+def _ordered_ir(builder, b):
+    """:func:`_ordered` on 16 int32 lanes (float bits <-> order-preserving keys, an involution)."""
+    s = builder.and_(builder.ashr(b, ir.Constant(_VI32, [31] * 16)), ir.Constant(_VI32, [0x7FFFFFFF] * 16))
+    return builder.xor(b, s)
+
+
 @intrinsic
 def _keys(typingctx, addr):
     """Order-preserving int32 keys (:func:`_ordered`) of the 16 floats at ``addr``."""
 
     def codegen(context, builder, sig, args):
-        b = builder.load(builder.inttoptr(args[0], _VI32.as_pointer()), align=4)
-        s = builder.and_(builder.ashr(b, ir.Constant(_VI32, [31] * 16)), ir.Constant(_VI32, [0x7FFFFFFF] * 16))
-        return builder.xor(b, s)
+        return _ordered_ir(builder, builder.load(builder.inttoptr(args[0], _VI32.as_pointer()), align=4))
 
     return i32x16(types.intp), codegen
 
@@ -1183,9 +1190,8 @@ def _prep_q(qf, qb, qd, qbase, W, nr, D, fw, iw, u8, wa, o_qq, o_qs, o_qz):
 
 
 def _key_value(builder, k):
-    """The float32 lanes of order-preserving int32 keys (:func:`_ordered` is an involution)."""
-    s = builder.and_(builder.ashr(k, ir.Constant(_VI32, [31] * 16)), ir.Constant(_VI32, [0x7FFFFFFF] * 16))
-    return builder.bitcast(builder.xor(k, s), _VF32)
+    """The float32 lanes of order-preserving int32 keys."""
+    return builder.bitcast(_ordered_ir(builder, k), _VF32)
 
 
 def _store_vectors(builder, addr, values):
@@ -1237,8 +1243,7 @@ def _qu8vv(typingctx, x, pre, inv, zp):
     """:func:`_qu8v` with a ``pre, inv, zp`` per lane."""
 
     def codegen(context, builder, sig, args):
-        y = builder.fadd(_rint(builder, builder.fmul(builder.fmul(args[0], args[1]), args[2])), args[3])
-        return builder.fptosi(_fmin(builder, _fmax(builder, y, _fconst(0.0)), _fconst(255.0)), _VI32)
+        return _qu8_ir(builder, *args)
 
     return i32x16(f32x16, f32x16, f32x16, f32x16), codegen
 
