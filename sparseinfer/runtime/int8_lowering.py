@@ -142,7 +142,7 @@ def find_attention_chains(plan: Plan, chains: dict[str, Chain]) -> dict[str, Cha
     them horizontally; from the transposed layout the reductions are lane-wise and four rows of
     quantized keys are one packed word. Heads of a length and width the chained kernel takes
     (multiples of 64), and a mask the attention step takes (`attention_mask_ok`)."""
-    from .plan import dense_operands
+    from .plan import attention_mask_ok, dense_operands
 
     graph = plan.graph
     consumers = {id(c.consumer) for c in chains.values()}
@@ -163,17 +163,6 @@ def find_attention_chains(plan: Plan, chains: dict[str, Chain]) -> dict[str, Cha
         return "Attention_int8__qkv", k_int8_sparse.chain_workspace_shapes(ops.m, ops.n)["chain"]
 
     return link_chains(graph, link, x_only=False)
-
-
-def attention_mask_ok(graph, node: Node) -> bool:
-    """Whether the attention step takes `node`'s mask: none, or additive ``[B or 1, 1, 1, S or 1]``
-    (a mask varying per query row or head goes to the reference executor)."""
-    mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
-    if mask is None:
-        return True
-    b, s = graph.info(node.inputs[0]).shape[:2]
-    ms = graph.info(mask).shape
-    return len(ms) == 4 and ms[1] == 1 and ms[2] == 1 and ms[0] in (1, b) and ms[3] in (1, s)
 
 
 def _runs_sparse_int8(node: Node) -> bool:

@@ -26,7 +26,7 @@ from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 from ..kernels.sparse_formats import aligned_empty
 from .embedding_lowering import lower_attention_mask_row, lower_embedding
-from .int8_lowering import attention_mask_ok, find_attention_chains, find_int8_chains, lower_dense_int8
+from .int8_lowering import find_attention_chains, find_int8_chains, lower_dense_int8
 from .quant_lowering import lower_integer_matmul, lower_qdense
 from .sparse_lowering import find_chains, lower_sparse_dense
 
@@ -359,6 +359,17 @@ class DenseOperands:
     m: int
     k: int
     n: int
+
+
+def attention_mask_ok(graph: Graph, node: Node) -> bool:
+    """Whether the attention step takes `node`'s mask: none, or additive ``[B or 1, 1, 1, S or 1]``
+    (a mask varying per query row or head goes to the reference executor)."""
+    mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+    if mask is None:
+        return True
+    b, s = graph.info(node.inputs[0]).shape[:2]
+    ms = graph.info(mask).shape
+    return len(ms) == 4 and ms[1] == 1 and ms[2] == 1 and ms[0] in (1, b) and ms[3] in (1, s)
 
 
 def dense_operands(graph: Graph, node: Node) -> DenseOperands | None:
