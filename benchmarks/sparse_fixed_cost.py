@@ -106,12 +106,12 @@ def ff_pair(M, block, calls, rng):
         W1, W2 = pack(weight(rng, K, H, block, dens)), pack(weight(rng, H, K, block, dens))
 
         def pair():
-            kernel(X, *W1, b1, None, mid, C.ACT_GELU, *ws1, C.NO_NEXT, False)
-            kernel(mid, *W2, b2, res, out, C.ACT_NONE, *ws2, C.NO_NEXT, False)
+            kernel(X, *W1, b1, None, mid, C.ACT_GELU, *ws1, C.NO_NEXT, False, C.NO_ORDER)
+            kernel(mid, *W2, b2, res, out, C.ACT_NONE, *ws2, C.NO_NEXT, False, C.NO_ORDER)
 
         def chained():
             kernel(X, *W1, b1, None, no_out, C.ACT_GELU, *ws1, xnext, False)
-            kernel(x_rows, *W2, b2, res, out, C.ACT_NONE, xnext, ws2[1], C.NO_NEXT, True)
+            kernel(x_rows, *W2, b2, res, out, C.ACT_NONE, xnext, ws2[1], C.NO_NEXT, True, C.NO_ORDER)
 
         rows["FF pair"].append(median_us(pair, calls))
         rows["FF chained"].append(median_us(chained, calls))

@@ -129,20 +129,27 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
 
     m, k, n, weight = ops.m, ops.k, ops.n, ops.weight
     if layout == "csr":
-        packed = plan.weights.get(("csr", ops.w), lambda: pack_csr(weight))
-        r, c = 1, 1
+        block, r, c = None, 1, 1
     else:
         block = tuple(node.attrs["block"])
-        packed = plan.weights.get(("bsr", ops.w, block), lambda: pack_bsr(weight, block))
         r, c = k_bsr.check_block(block)
     lanes = k_bsr.chunk_rows(c)
     kernel = k_csr.chain_kernel(r, c, k_csr.lanes_for(m, lanes))
-    indptr, indices, data = packed
+    # steps run one after another and the scratch does not outlive a step: share it per shape
+    xt_shape, ot_shape = k_csr.workspace_shapes(m, max(r, -(-k // r) * r), lanes)
+    # the pack in the traversal order of this call's row chunks and threads: plans with other
+    # chunk counts hold their own (blocks wider than a column come in one panel, not reordered)
+    parts = ot_shape[0]
+
+    def make_pack():
+        packed = pack_csr(weight) if block is None else pack_bsr(weight, block)
+        return k_csr.traversal_order(packed, n, c, m, lanes, parts)
+
+    key = ("sparse", ops.w, block) + ((xt_shape[0], parts) if c == 1 else ())
+    indptr, indices, data, order = plan.weights.get(key, make_pack)
     src = plan.sparse_chains.get(ops.x)
     src = src if src is not None and src.consumer is node else None
     dst = plan.sparse_chains.get(node.outputs[0])
-    # steps run one after another and the scratch does not outlive a step: share it per shape
-    xt_shape, ot_shape = k_csr.workspace_shapes(m, max(r, -(-k // r) * r), lanes)
     ws = [f"Sparse__ws{i}__{'x'.join(map(str, s))}" for i, s in enumerate((xt_shape, ot_shape))]
     if src is not None:
         ws[0] = src.workspace
@@ -157,7 +164,7 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
         x = x_rows if src is not None else _rows(env[ops.x])
         res = None if ops.residual is None else _rows(env[ops.residual])
         xnext = k_csr.NO_NEXT if dst is None else arena[dst.workspace]
-        kernel(x, indptr, indices, data, ops.bias, res, out, ops.act, arena[ws[0]], arena[ws[1]], xnext, src is not None)
+        kernel(x, indptr, indices, data, ops.bias, res, out, ops.act, arena[ws[0]], arena[ws[1]], xnext, src is not None, order)
 
     if dst is None:
         return plan._kernel(node, lambda env, out, arena: run(env, _out_rows(out), arena), flops)

@@ -31,9 +31,11 @@ def step(block, K, M):
     return C.chain_kernel(r, c, C.lanes_for(M, lanes)), pack, C.workspace_shapes(M, max(r, kp), lanes), lanes
 
 
-def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res):
+def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res, parts=None):
     """X [M, dims[0]] through len(blocks) chained sparse Dense; checks every link against the reference
-    applied to the link's actual input (the previous kernel's result read back from its workspace)."""
+    applied to the link's actual input (the previous kernel's result read back from its workspace).
+    With ``parts``, the kernels split their work into that many parts and read packs in the
+    traversal order made for them (:func:`csr.traversal_order`)."""
     rng = np.random.default_rng(seed)
     X = rng.uniform(-1, 1, (M, dims[0])).astype(np.float32)
     x, xt, x_rows = X, None, np.empty((M, 0), np.float32)
@@ -42,6 +44,10 @@ def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res):
         K, N = dims[i], dims[i + 1]
         kernel, pack, (sx, so), lanes = step(block, K, M)
         W = block_sparse_weight(rng, K, N, block, dens[i])
+        packed, order = pack(W), C.NO_ORDER
+        if parts is not None:
+            so = (parts,) + so[1:]
+            *packed, order = C.traversal_order(packed, N, block[1], M, lanes, parts)
         bias = rng.uniform(-1, 1, N).astype(np.float32) if use_bias else None
         last = i == nlinks - 1
         res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res and last else None
@@ -54,12 +60,12 @@ def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res):
             xt[:] = np.nan
         if last:
             out = np.full((M, N), np.nan, np.float32)
-            kernel(X if i == 0 else x_rows, *pack(W), bias, res, out, acts[i], xt, ot, C.NO_NEXT, i > 0)
+            kernel(X if i == 0 else x_rows, *packed, bias, res, out, acts[i], xt, ot, C.NO_NEXT, i > 0, order)
             np.testing.assert_allclose(out, ref, **tol)
         else:
             xnext = C.chain_workspace(M, N, lanes)
             xnext[:] = np.nan  # stale values must never be read
-            kernel(X if i == 0 else x_rows, *pack(W), bias, None, np.empty((0, N), np.float32), acts[i], xt, ot, xnext, i > 0)
+            kernel(X if i == 0 else x_rows, *packed, bias, None, np.empty((0, N), np.float32), acts[i], xt, ot, xnext, i > 0, order)
             nch = -(-M // lanes)
             y = xnext[:nch, :N].transpose(0, 2, 1).reshape(nch * lanes, N)[:M]  # back to row-major
             np.testing.assert_allclose(y, ref, **tol)
@@ -79,18 +85,20 @@ def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res):
     acts=st.lists(st.sampled_from(list(ACTS)), min_size=3, max_size=3),
     use_bias=st.booleans(),
     use_res=st.booleans(),
+    parts=st.sampled_from([None, 1, 2, 3]),
 )
-def test_chain_random(seed, M, dims, group, picks, links, dens, acts, use_bias, use_res):
+def test_chain_random(seed, M, dims, group, picks, links, dens, acts, use_bias, use_res, parts):
     # M: one row, partial tiles, two row chunks; dims mostly not multiples of 16 or of the block;
     # with three links the middle kernel reads and writes a chained workspace
     blocks = [CHUNK_GROUPS[group][p % len(CHUNK_GROUPS[group])] for p in picks[:links]]
-    run_chain(seed, M, dims[: links + 1], blocks, dens, acts, use_bias, use_res)
+    run_chain(seed, M, dims[: links + 1], blocks, dens, acts, use_bias, use_res, parts)
 
 
+@pytest.mark.parametrize("parts", [None, 2])
 @pytest.mark.parametrize("blocks", [[(1, 1), (1, 1)], [(1, 4), (4, 4)], [(4, 1), (2, 2)]])
-def test_chain_bert_ff(blocks):
+def test_chain_bert_ff(blocks, parts):
     # BERT's feed-forward pair: 768 -> 3072 (bias, GELU), 3072 -> 768 (bias, residual)
-    run_chain(3, 128, [768, 3072, 768], blocks, [0.1, 0.1], [C.ACT_GELU, C.ACT_NONE], True, True)
+    run_chain(3, 128, [768, 3072, 768], blocks, [0.1, 0.1], [C.ACT_GELU, C.ACT_NONE], True, True, parts)
 
 
 def test_chain_workspace_checked():
@@ -99,7 +107,7 @@ def test_chain_workspace_checked():
     small = C.chain_workspace(20, 4, lanes)[:, :4]  # fewer rows than N
     with pytest.raises(ValueError, match="xnext"):
         kernel(np.ones((20, 8), np.float32), *pack(W), None, None, np.empty((0, 5), np.float32), C.ACT_NONE,
-               aligned_empty(sx), aligned_empty(so), np.ascontiguousarray(small), False)  # fmt: skip
+               aligned_empty(sx), aligned_empty(so), np.ascontiguousarray(small), False, C.NO_ORDER)  # fmt: skip
 
 
 def test_chain_refuses_a_residual_with_xnext():
@@ -107,4 +115,57 @@ def test_chain_refuses_a_residual_with_xnext():
     W = np.ones((8, 5), np.float32)
     with pytest.raises(ValueError, match="residual"):
         kernel(np.ones((20, 8), np.float32), *pack(W), None, np.ones((20, 5), np.float32), np.empty((0, 5), np.float32), C.ACT_NONE,
-               aligned_empty(sx), aligned_empty(so), C.chain_workspace(20, 5, lanes), False)  # fmt: skip
+               aligned_empty(sx), aligned_empty(so), C.chain_workspace(20, 5, lanes), False, C.NO_ORDER)  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [(1, 1), (4, 1), (1, 4)])
+@pytest.mark.parametrize("M, parts", [(128, 2), (300, 3), (20, 1)])
+def test_traversal_order_is_a_sorted_permutation(block, M, parts):
+    rng = np.random.default_rng(5)
+    K, N = 520, 700
+    W = block_sparse_weight(rng, K, N, block, 0.1)
+    r, c = block
+    pack = pack_csr(W) if block == (1, 1) else pack_bsr(W, block)
+    lanes = B.chunk_rows(c)
+    indptr, indices, data, order = C.traversal_order(pack, N, c, M, lanes, parts)
+    nbc = -(-N // c)
+    if c > 1:  # blocks wider than a column come in one panel, whose long segments keep their order
+        assert order is C.NO_ORDER and all(a is b for a, b in zip((indptr, indices, data), pack))
+        return
+    npanel = order.shape[0]
+    counts = np.diff(indptr).reshape(npanel, nbc)
+    # every panel visits each block column once, and the segments hold the same blocks
+    old_counts = np.diff(pack[0]).reshape(npanel, nbc)
+    for b in range(npanel):
+        assert np.array_equal(np.sort(order[b]), np.arange(nbc))
+        assert np.array_equal(counts[b], old_counts[b, order[b]])
+        for jj in range(0, nbc, 37):
+            q, q0 = b * nbc + jj, b * nbc + order[b, jj]
+            assert np.array_equal(indices[indptr[q] : indptr[q + 1]], pack[1][pack[0][q0] : pack[0][q0 + 1]])
+            assert np.array_equal(data[indptr[q] : indptr[q + 1]], pack[2][pack[0][q0] : pack[0][q0 + 1]])
+    # no column leaves its task (in any row chunk), and between the tasks' edges the counts rise
+    per_fg = max(1, C.FG // c)
+    upc = -(-nbc // per_fg)
+    units = -(-M // lanes) * upc
+    cuts = {0, nbc}
+    for s_ in range(parts):
+        u, u1 = s_ * units // parts, (s_ + 1) * units // parts
+        while u < u1:
+            _, j0, nj, nu = C.task_at(u, u1, upc, per_fg, c, nbc)
+            for b in range(npanel):
+                assert set(order[b, j0 : j0 + nj]) == set(range(j0, j0 + nj))
+            cuts.update((j0, j0 + nj))
+            u += nu
+    cuts = sorted(cuts)
+    for b in range(npanel):
+        for a, e in zip(cuts[:-1], cuts[1:]):
+            assert np.all(np.diff(counts[b, a:e]) >= 0)
+    assert npanel > 1 and not np.array_equal(order[0], np.arange(nbc))  # something was reordered
+
+
+def test_order_of_the_wrong_shape_is_refused():
+    kernel, pack, (sx, so), lanes = step((1, 1), 8, 20)
+    W = np.ones((8, 5), np.float32)
+    with pytest.raises(ValueError, match="order"):
+        kernel(np.ones((20, 8), np.float32), *pack(W), None, None, np.empty((20, 5), np.float32), C.ACT_NONE,
+               aligned_empty(sx), aligned_empty(so), C.NO_NEXT, False, np.zeros((2, 3), np.int32))  # fmt: skip
