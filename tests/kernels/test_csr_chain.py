@@ -132,7 +132,9 @@ def test_traversal_order_is_a_sorted_permutation(block, M, parts):
     if c > 1:  # blocks wider than a column come in one panel, whose long segments keep their order
         assert order is C.NO_ORDER and all(a is b for a, b in zip((indptr, indices, data), pack))
         return
-    npanel = order.shape[0]
+    npanel = order.shape[0] - 1
+    assert list(order[npanel, :2]) == [-(-M // lanes), parts]
+    order = order[:npanel, :nbc]
     counts = np.diff(indptr).reshape(npanel, nbc)
     # every panel visits each block column once, and the segments hold the same blocks
     old_counts = np.diff(pack[0]).reshape(npanel, nbc)
@@ -144,18 +146,11 @@ def test_traversal_order_is_a_sorted_permutation(block, M, parts):
             assert np.array_equal(indices[indptr[q] : indptr[q + 1]], pack[1][pack[0][q0] : pack[0][q0 + 1]])
             assert np.array_equal(data[indptr[q] : indptr[q + 1]], pack[2][pack[0][q0] : pack[0][q0 + 1]])
     # no column leaves its task (in any row chunk), and between the tasks' edges the counts rise
-    per_fg = max(1, C.FG // c)
-    upc = -(-nbc // per_fg)
-    units = -(-M // lanes) * upc
     cuts = {0, nbc}
-    for s_ in range(parts):
-        u, u1 = s_ * units // parts, (s_ + 1) * units // parts
-        while u < u1:
-            _, j0, nj, nu = C.task_at(u, u1, upc, per_fg, c, nbc)
-            for b in range(npanel):
-                assert set(order[b, j0 : j0 + nj]) == set(range(j0, j0 + nj))
-            cuts.update((j0, j0 + nj))
-            u += nu
+    for j0, nj in C.task_spans(nbc, c, -(-M // lanes), parts):
+        for b in range(npanel):
+            assert set(order[b, j0 : j0 + nj]) == set(range(j0, j0 + nj))
+        cuts.update((j0, j0 + nj))
     cuts = sorted(cuts)
     for b in range(npanel):
         for a, e in zip(cuts[:-1], cuts[1:]):
@@ -163,9 +158,20 @@ def test_traversal_order_is_a_sorted_permutation(block, M, parts):
     assert npanel > 1 and not np.array_equal(order[0], np.arange(nbc))  # something was reordered
 
 
-def test_order_of_the_wrong_shape_is_refused():
-    kernel, pack, (sx, so), lanes = step((1, 1), 8, 20)
-    W = np.ones((8, 5), np.float32)
-    with pytest.raises(ValueError, match="order"):
-        kernel(np.ones((20, 8), np.float32), *pack(W), None, None, np.empty((20, 5), np.float32), C.ACT_NONE,
-               aligned_empty(sx), aligned_empty(so), C.NO_NEXT, False, np.zeros((2, 3), np.int32))  # fmt: skip
+def test_order_of_the_wrong_shape_or_split_is_refused():
+    rng = np.random.default_rng(1)
+    kernel, pack, (sx, so), lanes = step((1, 1), 300, 20)
+    W = block_sparse_weight(rng, 300, 40, (1, 1), 0.3)
+    xt, ot = aligned_empty(sx), aligned_empty((2,) + so[1:])
+    x, out = np.ones((20, 300), np.float32), np.empty((20, 40), np.float32)
+    with pytest.raises(ValueError, match="panels"):
+        kernel(x, *pack(W), None, None, out, C.ACT_NONE, xt, ot, C.NO_NEXT, False, np.zeros((2, 3), np.int32))
+    *packed, order = C.traversal_order(pack(W), 40, 1, 20, lanes, parts=3)  # made for three parts, run with two
+    with pytest.raises(ValueError, match="parts"):
+        kernel(x, *packed, None, None, out, C.ACT_NONE, xt, ot, C.NO_NEXT, False, order)
+    *packed, order = C.traversal_order(pack(W), 40, 1, 200, lanes, parts=2)  # made for two row chunks
+    with pytest.raises(ValueError, match="chunks"):
+        kernel(x, *packed, None, None, out, C.ACT_NONE, xt, ot, C.NO_NEXT, False, order)
+    *packed, order = C.traversal_order(pack(W), 40, 1, 20, lanes, parts=2)
+    kernel(x, *packed, None, None, out, C.ACT_NONE, xt, ot, C.NO_NEXT, False, order)
+    np.testing.assert_allclose(out, dense_ref(x, W), **tolerance("bsr", np.float32, 300))
