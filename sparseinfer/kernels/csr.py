@@ -42,8 +42,9 @@ regions per call (a Numba region costs ~1 us):
    transposed domain bias is one scalar per column and the activation is
    elementwise.  Within a panel the task visits its columns in the order of
    :func:`traversal_order` when the plan gives one (by nonzero count, so
-   that the exits of the nonzero loops are predicted).  When the task is done, its columns are
-   transposed into ``out`` row band by row band (:func:`store_transposed`),
+   that the exits of the nonzero loops are predicted).  When the task is
+   done, its columns are transposed into ``out`` row band by row band
+   (:func:`store_transposed`),
    so that each row gets one contiguous run, with the residual added in
    registers: ``out`` is written once and never read back.
 
@@ -378,12 +379,12 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
     bias is one scalar per column and the activation elementwise; applied to
     the accumulators instead, the GELU loop is not unrolled, the tile no
     longer lives in registers and the whole kernel ran ~25% slower; column
-    by column costs the same as in groups of 16, and works in any order).  At the end the task's columns are transposed into
-    ``out`` with the residual (:func:`store_transposed`).  With an
-    ``order`` (:func:`traversal_order`), position ``jj`` of panel ``b`` is
-    block column ``order[b, jj]`` and its nonzeros are segment ``b * nbc + jj``
-    of the pack.  The column body
-    is inline on purpose: as a separate function LLVM did not inline it, and
+    by column costs the same as in groups of 16, and works in any order).
+    At the end the task's columns are transposed into ``out`` with the
+    residual (:func:`store_transposed`).  With an ``order``
+    (:func:`traversal_order`), position ``jj`` of panel ``b`` is block
+    column ``order[b, jj]`` and its nonzeros are segment ``b * nbc + jj`` of
+    the pack.  The column body is inline on purpose: as a separate function LLVM did not inline it, and
     the call (arguments on the stack, vzeroupper) cost ~25% at 10% density.
     """
     acc = numba.carray(stack_f32(ACC), (C, L))
@@ -614,10 +615,11 @@ def traversal_order(packed, N: int, C: int, M: int, lanes: int, parts: int | Non
     by their number of nonzeros (ties in column order), and the segments are
     stored in that order, so the kernel still reads the pack front to back.
     A pack of one panel is returned as it is, with :data:`NO_ORDER` (its
-    segments are long; sorted, the 1 x 4 model ran ~5% slower).  Why: the nonzero loop of one column
-    and panel is ~13 iterations at 10% density, and a count that changes
-    from one column to the next makes its exit a branch mispredicted about
-    once per column; sorted, runs of equal counts are predicted.  Measured
+    segments are long; sorted, the 1 x 4 model ran ~5% slower).  Why: the
+    nonzero loop of one column and panel is ~13 iterations at 10% density,
+    and a count that changes from one column to the next makes its exit a
+    branch mispredicted about once per column; sorted, runs of equal counts
+    are predicted.  Measured
     (M = 128, 2 threads, the four BERT-base shapes at 10% density): 5-7%
     faster per layer, BERT-base pruned to 90% unstructured 6% faster end to end.
     An order is only valid for the row chunks and parts it was made for;
