@@ -364,6 +364,26 @@ def _bias_act(a, s, t0, nc, bias, n0, act, L):
                 a[s, r, j] = _activate(a[s, r, j] + bv, act)
 
 
+@njit(nogil=True, error_model="numpy", fastmath={"contract"}, inline="always")
+def _accumulate(acc, w, xt, ch, indptr, indices, data, q, R, C, L):
+    """``acc[c, :L] += W[k + i, n + c] * xt[ch, k + i, :L]`` over the nonzero blocks of segment ``q``
+    of the pack.  Inlined into the caller (at Numba IR level, so ``R, C, L`` stay literals)."""
+    for p in range(np.uint64(indptr[q]), np.uint64(indptr[q + 1])):
+        k0 = np.uint64(indices[p])
+        if R == 1 and C == 1:  # CSR: a scalar weight (the stack copy below costs ~3% here)
+            wv = data[p, 0, 0]
+            for j in range(L):
+                acc[0, j] += wv * xt[ch, k0, j]
+        else:
+            for i in range(R):
+                for c in range(C):
+                    w[c] = data[p, i, c]
+                for j in range(L):
+                    x = xt[ch, k0 + np.uint64(i), j]
+                    for c in range(C):
+                        acc[c, j] += w[c] * x
+
+
 @njit(nogil=True, error_model="numpy", fastmath={"contract"}, cache=True)
 def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, order, R, C, L):
     """Block columns ``j0 .. j0 + nj`` (output columns ``C * j0 ..``) for the rows of chunk ``ch``.
@@ -384,19 +404,20 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
     residual (:func:`store_transposed`).  With an ``order``
     (:func:`traversal_order`), position ``jj`` of panel ``b`` is block
     column ``order[b, jj]`` and its nonzeros are segment ``b * nbc + jj`` of
-    the pack.  The column body is inline on purpose: as a separate function LLVM did not inline it, and
-    the call (arguments on the stack, vzeroupper) cost ~25% at 10% density.
+    the pack.  The nonzero loop (:func:`_accumulate`) is inlined by Numba, not left to LLVM: as
+    a call (arguments on the stack, vzeroupper) it cost ~25% at 10% density.  The last panel has
+    its own loop so that the parking loop carries no epilogue branches (with them, and the
+    stack copy of a scalar weight, the kernel spent ~3% more per layer).
     """
     acc = numba.carray(stack_f32(ACC), (C, L))
     w = numba.carray(stack_f32(16), (C,))
     N = out.shape[1]
     tonext = xnext.shape[0] > 0
     ordered = order.shape[0] > 0
-    for b in range(npanel):
-        last = b == npanel - 1
+    # every panel but the last: columns are parked in the slot between panels
+    for b in range(npanel - 1):
         for jj in range(j0, j0 + nj):
             jb = np.int64(order[b, jj]) if ordered else jj
-            n = jb * C
             t = (jb - j0) * C  # row of the column in the thread's slot
             if b == 0:
                 for c in range(C):
@@ -406,32 +427,39 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
                 for c in range(C):
                     for j in range(L):
                         acc[c, j] = ot[slot, t + c, j]
-            q = b * nbc + jj
-            for p in range(np.uint64(indptr[q]), np.uint64(indptr[q + 1])):
-                k0 = np.uint64(indices[p])
-                for i in range(R):
-                    for c in range(C):
-                        w[c] = data[p, i, c]
+            _accumulate(acc, w, xt, ch, indptr, indices, data, b * nbc + jj, R, C, L)
+            for c in range(C):
+                for j in range(L):
+                    ot[slot, t + c, j] = acc[c, j]
+    # the last panel: a finished column goes to the slot or to xnext, with bias and activation
+    b = npanel - 1
+    for jj in range(j0, j0 + nj):
+        jb = np.int64(order[b, jj]) if ordered else jj
+        n = jb * C
+        t = (jb - j0) * C
+        if b == 0:
+            for c in range(C):
+                for j in range(L):
+                    acc[c, j] = 0.0
+        else:
+            for c in range(C):
+                for j in range(L):
+                    acc[c, j] = ot[slot, t + c, j]
+        _accumulate(acc, w, xt, ch, indptr, indices, data, b * nbc + jj, R, C, L)
+        nc = min(n + C, N) - n
+        if tonext:
+            for c in range(C):
+                if n + c < N:  # block padding columns are computed, never stored
                     for j in range(L):
-                        x = xt[ch, k0 + np.uint64(i), j]
-                        for c in range(C):
-                            acc[c, j] += w[c] * x
-            if tonext and last:
-                for c in range(C):
-                    if n + c < N:  # block padding columns are computed, never stored
-                        for j in range(L):
-                            xnext[ch, n + c, j] = acc[c, j]
-            else:
-                for c in range(C):
-                    for j in range(L):
-                        ot[slot, t + c, j] = acc[c, j]
-            if last:
-                nc = min(n + C, N) - n
-                if nc > 0:
-                    if tonext:
-                        _bias_act(xnext, ch, n, nc, bias, n, act, L)
-                    else:
-                        _bias_act(ot, slot, t, nc, bias, n, act, L)
+                        xnext[ch, n + c, j] = acc[c, j]
+            if nc > 0:
+                _bias_act(xnext, ch, n, nc, bias, n, act, L)
+        else:
+            for c in range(C):
+                for j in range(L):
+                    ot[slot, t + c, j] = acc[c, j]
+            if nc > 0:
+                _bias_act(ot, slot, t, nc, bias, n, act, L)
     if not tonext:
         store_transposed(ot, slot, 0, out, m0, rows, j0 * C, min(nj * C, N - j0 * C), residual)
 
