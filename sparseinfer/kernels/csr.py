@@ -365,6 +365,19 @@ def _bias_act(a, s, t0, nc, bias, n0, act, L):
                 a[s, r, j] = _activate(a[s, r, j] + bv, act)
 
 
+@njit(nogil=True, error_model="numpy", inline="always")
+def _resume(acc, ot, slot, t, first, C, L):
+    """The accumulators of the column parked at row ``t`` of the thread's slot: zeros in its first panel."""
+    if first:
+        for c in range(C):
+            for j in range(L):
+                acc[c, j] = 0.0
+    else:
+        for c in range(C):
+            for j in range(L):
+                acc[c, j] = ot[slot, t + c, j]
+
+
 @njit(nogil=True, error_model="numpy", fastmath={"contract"}, inline="always")
 def _accumulate(acc, w, xt, ch, indptr, indices, data, q, R, C, L):
     """``acc[c, :L] += W[k + i, n + c] * xt[ch, k + i, :L]`` over the nonzero blocks of segment ``q``
@@ -420,14 +433,7 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
         for jj in range(j0, j0 + nj):
             jb = np.int64(order[b, jj]) if ordered else jj
             t = (jb - j0) * C  # row of the column in the thread's slot
-            if b == 0:
-                for c in range(C):
-                    for j in range(L):
-                        acc[c, j] = 0.0
-            else:
-                for c in range(C):
-                    for j in range(L):
-                        acc[c, j] = ot[slot, t + c, j]
+            _resume(acc, ot, slot, t, b == 0, C, L)
             _accumulate(acc, w, xt, ch, indptr, indices, data, b * nbc + jj, R, C, L)
             for c in range(C):
                 for j in range(L):
@@ -438,14 +444,7 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
         jb = np.int64(order[b, jj]) if ordered else jj
         n = jb * C
         t = (jb - j0) * C
-        if b == 0:
-            for c in range(C):
-                for j in range(L):
-                    acc[c, j] = 0.0
-        else:
-            for c in range(C):
-                for j in range(L):
-                    acc[c, j] = ot[slot, t + c, j]
+        _resume(acc, ot, slot, t, b == 0, C, L)
         _accumulate(acc, w, xt, ch, indptr, indices, data, b * nbc + jj, R, C, L)
         nc = min(n + C, N) - n
         if tonext:
@@ -643,7 +642,7 @@ def traversal_order(packed, N: int, C: int, M: int, lanes: int, parts: int | Non
     task boundary of any row chunk cuts, the columns of a panel are sorted
     by their number of nonzeros (ties in column order), and the segments are
     stored in that order, so the kernel still reads the pack front to back.
-    A pack of one panel is returned as it is, with :data:`NO_ORDER` (its
+    A pack of one panel keeps its order, with :data:`NO_ORDER` (its
     segments are long; sorted, the 1 x 4 model ran ~5% slower).  Why: the
     nonzero loop of one column and panel is ~13 iterations at 10% density,
     and a count that changes from one column to the next makes its exit a
