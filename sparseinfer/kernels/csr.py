@@ -132,7 +132,7 @@ __all__ = [
 MT = 128  # rows of X per chunk (= lanes of the widest register tile, 8 zmm)
 NB = 256  # output columns per task
 KS = 64  # rows of W per transposition task
-FG = 16  # output columns per unit of work (and per bias / activation pass)
+FG = 16  # output columns per unit of work
 STAGE = NB + 16  # row stride of the staging buffer of store_transposed (not a multiple of 4 KiB)
 STAGE16 = 16 * STAGE
 ACC = 256  # floats of the accumulator tile (16 zmm): C * L <= ACC
@@ -465,6 +465,17 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
 
 
 @njit(nogil=True, cache=True)
+def part_units(s, nparts, nch, nbc, C):
+    """The units ``u .. u1`` of part ``s`` of ``nparts``, with ``(units per chunk, block columns
+    per unit)``.  The work is (row chunk, group of FG output columns) units in chunk-major order,
+    split evenly between the parts.  Shared by the driver and :func:`task_spans`."""
+    per_fg = max(1, FG // C)
+    upc = (nbc + per_fg - 1) // per_fg
+    units = nch * upc
+    return s * units // nparts, (s + 1) * units // nparts, upc, per_fg
+
+
+@njit(nogil=True, cache=True)
 def task_at(u, u1, upc, per_fg, C, nbc):
     """The task of the driver that starts at unit ``u`` of a part ending before unit ``u1``
     (``upc`` units of ``per_fg`` block columns per row chunk): ``(chunk, first block column,
@@ -530,16 +541,10 @@ def _make_kernel(R, C, L):
                 for k in range(N, xnext.shape[1]):
                     for j in range(L):
                         xnext[ch, k, j] = 0.0
-        # One part per slot of ot (= thread).  The work is (row chunk, group of FG
-        # output columns) units in chunk-major order, split evenly between the
-        # parts; a part runs its units in tasks of at most NB columns.
-        per_fg = max(1, FG // C)  # block columns per unit
-        upc = (nbc + per_fg - 1) // per_fg  # units per chunk
-        units = nch * upc
+        # One part per slot of ot (= thread); a part runs its units in tasks of at most NB columns.
         nparts = ot.shape[0]
         for s in prange(nparts):
-            u = s * units // nparts
-            u1 = (s + 1) * units // nparts
+            u, u1, upc, per_fg = part_units(s, nparts, nch, nbc, C)
             while u < u1:
                 ch, j0, nj, nu = task_at(u, u1, upc, per_fg, C, nbc)
                 m0 = ch * W
@@ -620,12 +625,9 @@ def chain_workspace(M: int, N: int, lanes: int) -> np.ndarray:
 def task_spans(nbc: int, C: int, nch: int, parts: int) -> list[tuple[int, int]]:
     """``(first block column, block columns)`` of every task the driver runs for ``nch`` row
     chunks split into ``parts`` parts (all chunks, all parts; see :func:`task_at`)."""
-    per_fg = max(1, FG // C)
-    upc = -(-nbc // per_fg)
-    units = nch * upc
     spans = []
     for s in range(parts):
-        u, u1 = s * units // parts, (s + 1) * units // parts
+        u, u1, upc, per_fg = part_units(s, parts, nch, nbc, C)
         while u < u1:
             _, j0, nj, nu = task_at(u, u1, upc, per_fg, C, nbc)
             spans.append((int(j0), int(nj)))
@@ -658,7 +660,7 @@ def traversal_order(packed, N: int, C: int, M: int, lanes: int, parts: int | Non
     indptr, indices, data = packed
     nbc = -(-int(N) // int(C))
     npanel = (indptr.shape[0] - 1) // max(1, nbc)
-    if npanel == 1:  # long segments: their loop exits cost little, and the pack stays as it is
+    if npanel == 1:  # long segments: their loop exits cost little, and the pack keeps its order
         return indptr, narrow_indices(indices), data, NO_ORDER
     parts = numba.config.NUMBA_NUM_THREADS if parts is None else int(parts)
     nch = max(1, -(-int(M) // int(lanes)))
