@@ -657,8 +657,8 @@ def _ld_scalar(typingctx, addr):
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _head(qd, Wq, kd, Wk, vd, Wv, od, Wo, q_col, k_col, v_col, mask, b, h, S, D, scale, kta, vpa, pwa, Sp, Dp):
-    row0 = b * S
+def _head(qd, Wq, kd, Wk, vd, Wv, od, Wo, q_col, k_col, v_col, mask, b, h, Sq, S, D, scale, kta, vpa, pwa, Sp, Dp):
+    row0 = b * S  # keys and values; the queries and the output rows start at b * Sq
     # K_h^T -> kt [D, Sp], 16 x 16 blocks by register transposes, zero columns S..Sp
     kbase = kd + 4 * (row0 * Wk + k_col + h * D)
     S16 = S // _L * _L
@@ -698,13 +698,13 @@ def _head(qd, Wq, kd, Wk, vd, Wv, od, Wo, q_col, k_col, v_col, mask, b, h, S, D,
             _vst_scalar(ma + 4 * j, mask[b, j])
     n16 = (S + _L - 1) // _L * _L
     lds = 4 * Sp
-    for i0 in range(0, S, MR):
-        nr = min(MR, S - i0)
-        qa = qd + 4 * ((row0 + i0) * Wq + q_col + h * D)
+    for i0 in range(0, Sq, MR):
+        nr = min(MR, Sq - i0)
+        qa = qd + 4 * ((b * Sq + i0) * Wq + q_col + h * D)
         for j0 in range(0, S, NR):
             _tile_scores(qa, 4 * Wq, nr, kta + 4 * j0, 4 * Sp, D, pwa + 4 * j0, lds, ma + 4 * j0, scale)
         _softmax8(pwa, lds, n16, ra)
-        oa = od + 4 * ((row0 + i0) * Wo + h * D)
+        oa = od + 4 * ((b * Sq + i0) * Wo + h * D)
         for c0 in range(0, D, NR):
             _tile_context(pwa, lds, S, vpa + 4 * c0, 4 * Dp, ra, oa + 4 * c0, 4 * Wo, nr, D - c0)
 
@@ -714,7 +714,10 @@ def attention_packed(q, k, v, q_col, k_col, v_col, mask, B, S, H, D, scale, out,
     """Core kernel; see the module docstring.  ``kt, vp, pw`` from
     :func:`make_workspace`; ``nth`` (<= ``kt.shape[0]``) is the number of
     parallel slots, normally ``numba.get_num_threads()``; slot ``t`` handles
-    tasks ``t, t + nth, ...`` with workspace slice ``t``."""
+    tasks ``t, t + nth, ...`` with workspace slice ``t``.  ``q`` and ``out``
+    may hold fewer query rows per batch row than the ``S`` keys (``B * Sq``
+    rows, ``Sq = q.shape[0] // B``): the rows of a classifier's last layer
+    that its output reads (:mod:`sparseinfer.passes.rows`)."""
     qd = np.intp(q.ctypes.data)
     kd = np.intp(k.ctypes.data)
     vd = np.intp(v.ctypes.data)
@@ -729,6 +732,7 @@ def attention_packed(q, k, v, q_col, k_col, v_col, mask, B, S, H, D, scale, out,
     vps = vp.strides[0]
     pws = pw.strides[0]
     ntask = B * H
+    Sq = q.shape[0] // B
     for t in prange(nth):
         for task in range(t, ntask, nth):
             b = task // H
@@ -748,6 +752,7 @@ def attention_packed(q, k, v, q_col, k_col, v_col, mask, B, S, H, D, scale, out,
                 mask,
                 b,
                 h,
+                Sq,
                 S,
                 D,
                 scale,
@@ -762,22 +767,25 @@ def attention_packed(q, k, v, q_col, k_col, v_col, mask, B, S, H, D, scale, out,
 def attention(q, k, v, mask, B, S, H, D, scale=None, q_col=0, k_col=0, v_col=0, out=None, workspace=None):
     """Checked entry point.  For a fused QKV projection ``qkv [B*S, 3*H*D]``
     call ``attention(qkv, qkv, qkv, mask, B, S, H, D, q_col=0, k_col=H*D,
-    v_col=2*H*D)``.  ``mask`` is an additive float32 ``[B, S]`` or None."""
+    v_col=2*H*D)``.  ``mask`` is an additive float32 ``[B, S]`` or None.
+    ``q`` may have ``B * Sq`` rows for ``Sq`` queries per batch row against
+    the ``S`` keys; the result then has ``B * Sq`` rows."""
     if scale is None:
         scale = 1.0 / np.sqrt(D)
     for a, col in ((q, q_col), (k, k_col), (v, v_col)):
         if a.dtype != np.float32 or not a.flags.c_contiguous or a.ndim != 2:
             raise ValueError("q/k/v must be C-contiguous float32 2-D arrays")
-        if a.shape[0] != B * S or col < 0 or col + H * D > a.shape[1]:
+        if (a.shape[0] % max(B, 1) if a is q else a.shape[0] != B * S) or col < 0 or col + H * D > a.shape[1]:
             raise ValueError("q/k/v shape does not match B, S, H, D and column offset")
+    Sq = q.shape[0] // max(B, 1)
     if mask is not None:
         mask = np.ascontiguousarray(mask, dtype=np.float32)
         if mask.shape != (B, S):
             raise ValueError("mask must be additive float32 [B, S]")
     if out is None:
-        out = np.empty((B * S, H * D), dtype=np.float32)
-    if out.shape != (B * S, H * D) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 [{B * S}, {H * D}] array")
+        out = np.empty((B * Sq, H * D), dtype=np.float32)
+    if out.shape != (B * Sq, H * D) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 [{B * Sq}, {H * D}] array")
     if workspace is None:
         workspace = make_workspace(S, D)
     kt, vp, pw = workspace

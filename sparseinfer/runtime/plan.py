@@ -206,7 +206,8 @@ class Plan:
         g = self.graph
         q, k, v = node.inputs[:3]
         mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
-        b, s = g.info(q).shape[:2]
+        b, sq = g.info(q).shape[:2]
+        s = g.info(k).shape[1]  # keys; fewer queries when only some rows are read (passes/rows.py)
         hd = node.attrs.get("hidden", 0) or g.info(q).shape[2]
         cols = [int(node.attrs.get(f"{t}_offset", 0)) for t in "qkv"]
         h = node.attrs["num_heads"]
@@ -215,7 +216,9 @@ class Plan:
             return None  # a mask varying per query row (or head): the reference handles it
         ms = g.info(mask).shape if mask is not None else None
         scale = np.float32(node.attrs["scale"])
-        int8 = node.attrs.get("quantize") == "int8"  # the int8 kernel (kernels/attention_int8.py)
+        # the int8 kernel (kernels/attention_int8.py) takes as many queries as keys; a step with
+        # fewer queries runs the fp32 kernel (quantize="int8" allows int8, it does not require it)
+        int8 = node.attrs.get("quantize") == "int8" and sq == s
         kmod = k_attention_int8 if int8 else k_attention
         nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
         shapes = kmod.workspace_shapes(s, d, nth)
@@ -250,7 +253,7 @@ class Plan:
             else:
                 k_attention.attention_packed(*x, *wss, threads)
 
-        flops = 4 * b * h * s * s * d
+        flops = 4 * b * h * sq * s * d
         return self._kernel(node, call, flops)
 
     # ------------------------------------------------------------------ buffers
@@ -367,7 +370,7 @@ def attention_mask_ok(graph: Graph, node: Node) -> bool:
     mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
     if mask is None:
         return True
-    b, s = graph.info(node.inputs[0]).shape[:2]
+    b, s = graph.info(node.inputs[0]).shape[0], graph.info(node.inputs[1]).shape[1]  # batch, keys
     ms = graph.info(mask).shape
     return len(ms) == 4 and ms[1] == 1 and ms[2] == 1 and ms[0] in (1, b) and ms[3] in (1, s)
 

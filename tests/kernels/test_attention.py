@@ -227,3 +227,20 @@ def test_vector_exp_matches_float64_exp(portable):
     np.testing.assert_array_equal(out[~normal & ~np.isnan(x)], 0.0)
     assert np.isnan(out[np.isnan(x)]).all()
     assert out[x == 0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("rows", [[0], [3, 0], [1, 1, 2], list(range(9))])
+@pytest.mark.parametrize("mask_kind", ["none", "padded", "real"])
+def test_fewer_queries_than_keys(rows, mask_kind):
+    """Queries for some rows of each sequence (a classifier's last layer computes the rows its
+    pooler reads): those rows of the full attention."""
+    rng = np.random.default_rng(len(rows))
+    B, S, H, D = 2, 11, 3, 16
+    hd = H * D
+    qkv = rng.standard_normal((B * S, 3 * hd)).astype(np.float32)
+    mask = make_mask(rng, mask_kind, B, S)
+    full = expected(qkv, qkv, qkv, mask, B, S, H, D, 0.25, 0, hd, 2 * hd)
+    q = np.ascontiguousarray(qkv.reshape(B, S, -1)[:, rows].reshape(B * len(rows), -1))
+    out = attention(q, qkv, qkv, mask, B, S, H, D, 0.25, 0, hd, 2 * hd)
+    want = full.reshape(B, S, hd)[:, rows].reshape(B * len(rows), hd)
+    np.testing.assert_allclose(out, want, **tolerance("attention", np.float32, k=D))
