@@ -154,7 +154,7 @@ from sparseinfer.kernels.attention import (
     f32x16,
 )
 from sparseinfer.kernels.attention import _vzero as _fzero
-from sparseinfer.kernels.csr import transpose16
+from sparseinfer.kernels.csr import _prefetch, transpose16
 from sparseinfer.kernels.int8 import DOT_INSTRUCTION, HAS_VNNI, _dpbusd, _f32_from_bits, _ordered, _vstore, _vzero, i32x16
 from sparseinfer.kernels.sparse_formats import aligned_empty
 
@@ -192,7 +192,6 @@ _ABS = np.int32(0x7FFFFFFF)
 _VI32 = ir.VectorType(ir.IntType(32), 16)
 _VF32 = ir.VectorType(ir.FloatType(), 16)
 _VI8 = ir.VectorType(ir.IntType(8), 16)
-_I8P = ir.PointerType(ir.IntType(8))
 _PF = 8  # rows prefetched ahead: the head's rows are W floats apart, too far for the hardware prefetchers
 
 
@@ -243,19 +242,6 @@ def _ildv(typingctx, addr):
         return builder.load(builder.inttoptr(args[0], _VI32.as_pointer()), align=4)
 
     return i32x16(types.intp), codegen
-
-
-@intrinsic
-def _prefetch(typingctx, addr):
-    """Prefetch the cache line of byte address ``addr`` into L1 (never faults)."""
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8P, i32, i32, i32]), "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.inttoptr(args[0], _I8P), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(types.intp), codegen
 
 
 @intrinsic

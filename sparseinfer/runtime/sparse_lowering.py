@@ -118,6 +118,8 @@ def find_chains(graph: Graph) -> dict[str, Chain]:
         lanes = k_bsr.chunk_rows(bp[1])
         if p.residual is not None or lanes != k_bsr.chunk_rows(bq[1]) or p.m != q.m or q.k != p.n:
             return None
+        if p.m <= k_csr.FEW_ROWS and (1, 1) in (bp, bq):  # CSR on a few rows: few_rows_kernel, row-major
+            return None
         return "Sparse", k_csr.chain_workspace(p.m, p.n, lanes).shape
 
     return link_chains(graph, link)
@@ -128,6 +130,8 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
     from .plan import Step, _out_rows, _rows
 
     m, k, n, weight = ops.m, ops.k, ops.n, ops.weight
+    if layout == "csr" and m <= k_csr.FEW_ROWS:
+        return _lower_few_rows(plan, node, ops)
     if layout == "csr":
         block, r, c = None, 1, 1
     else:
@@ -170,3 +174,23 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
         return plan._kernel(node, lambda env, out, arena: run(env, _out_rows(out), arena), flops)
     no_out = np.empty((0, n), np.float32)  # only its column count is read: the result goes to xnext
     return Step(node, "kernel", lambda env, arena: run(env, no_out, arena), flops, buffer=False)
+
+
+def _lower_few_rows(plan: Plan, node: Node, ops: DenseOperands) -> Step:
+    """A CSR Dense on at most ``FEW_ROWS`` rows (:func:`~sparseinfer.kernels.csr.few_rows_kernel`:
+    a pack of one panel, row-major in and out, never chained)."""
+    from .plan import _out_rows, _rows
+
+    def make_pack():  # one panel: each column's nonzeros in one run
+        indptr, indices, data = pack_csr(ops.weight, kb=max(1, ops.k))
+        return indptr, k_csr.narrow_indices(indices), data
+
+    indptr, indices, data = plan.weights.get(("sparse_rows", ops.w), make_pack)
+    parts = max(1, k_csr.numba.config.NUMBA_NUM_THREADS)
+    flops = 2 * ops.m * int(np.count_nonzero(ops.weight))
+
+    def run(env, out, arena):
+        res = None if ops.residual is None else _rows(env[ops.residual])
+        k_csr.few_rows_kernel(_rows(env[ops.x]), indptr, indices, data, ops.bias, res, _out_rows(out), ops.act, parts)
+
+    return plan._kernel(node, run, flops)

@@ -186,3 +186,34 @@ def test_csr_rows_4k_apart(N):
     # rows of out a multiple of 4 KiB apart take the staged store (with and without residual)
     check(N, 130, 40, N, 0.2, True, True, C.ACT_GELU)
     check(N + 1, 33, 40, N, 0.2, False, False, C.ACT_NONE)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.integers(1, C.FEW_ROWS),
+    K=st.integers(1, 300),
+    N=st.integers(1, 300),
+    dens=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    use_bias=st.booleans(),
+    use_res=st.booleans(),
+    act=st.sampled_from(list(ACTS)),
+    one_panel=st.booleans(),
+    narrow=st.booleans(),
+    parts=st.integers(1, 3),
+)
+def test_few_rows_kernel(seed, M, K, N, dens, use_bias, use_res, act, one_panel, narrow, parts):
+    """The kernel for a classifier's last rows, on packs of one panel (as the plan stores them)
+    or 128-row panels, int16 or int32 row indices, any number of parts."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, (M, K)).astype(np.float32)
+    W = sparse_weight(rng, K, N, dens)
+    bias = rng.uniform(-1, 1, N).astype(np.float32) if use_bias else None
+    res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res else None
+    indptr, indices, data = pack_csr(W, K) if one_panel else pack_csr(W)
+    if narrow:
+        indices = C.narrow_indices(indices)
+    out = np.full((M, N), np.nan, np.float32)
+    C.few_rows_kernel(X, indptr, indices, data, bias, res, out, act, parts)
+    ref = dense_ref(X, W, bias, res, activation=ACTS[act])
+    np.testing.assert_allclose(out, ref, **tolerance("csr", np.float32, K))
