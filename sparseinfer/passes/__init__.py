@@ -14,6 +14,7 @@ from .fusion import (
 from .manager import FunctionPass, IRDump, Pass, PassContext, PassError, PassInstrument, PassTimings, Sequential, function_pass
 from .quant_import import fuse_quantized_epilogue, import_quantized
 from .quantize import quantize_dense
+from .rows import hoist_row_gather
 from .sparsity import SparsityConfig, analyze_weight, choose_sparse_layouts
 
 
@@ -31,6 +32,7 @@ def default_pipeline() -> Sequential:
             fuse_quantized_epilogue,  # after fuse_gelu, like fuse_dense: a QDense absorbs the Gelu after its bias
             fuse_attention,  # after fuse_dense: Q, K and V are Dense outputs
             narrow_attention_mask,
+            hoist_row_gather,  # before merge_qkv: the last layer's query projection then runs on the rows read
             merge_qkv,  # after fuse_attention: only projections that feed one Attention are merged
             choose_sparse_layouts,  # after merge_qkv: the merged weight is the one that gets stored
             quantize_dense,  # after choose_sparse_layouts: int8 decides the storage of a quantized weight (dense or 4x1 blocks)
@@ -46,5 +48,5 @@ __all__ = [
     "FunctionPass", "IRDump", "Pass", "PassContext", "PassError", "PassInstrument", "PassTimings", "Sequential", "function_pass",
     "default_pipeline", "eliminate_dead_code", "eliminate_noops", "fold_constants",
     "fuse_attention", "fuse_dense", "fuse_gelu", "fuse_layernorm", "merge_qkv", "narrow_attention_mask", "choose_sparse_layouts", "quantize_dense", "SparsityConfig", "analyze_weight",
-    "import_quantized", "fuse_quantized_epilogue", "fuse_embedding", "fuse_attention_mask_row",
+    "import_quantized", "fuse_quantized_epilogue", "fuse_embedding", "fuse_attention_mask_row", "hoist_row_gather",
 ]  # fmt: skip

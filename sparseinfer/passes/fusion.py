@@ -519,7 +519,8 @@ def merge_qkv(graph: Graph, ctx: PassContext) -> int:
     (one large matmul instead of three; Attention reads Q, K and V at column offsets). Three
     QDense of one input quantized the same way (per tensor, or with equal static parameters)
     merge the same way, exactly: the quantized input is the same, and every column keeps its
-    weight, scale and bias."""
+    weight, scale and bias. When the queries have an input of their own (a classifier's last
+    layer, whose queries `hoist_row_gather` narrowed to the rows read), K and V merge alone."""
     changed = 0
     for stale in graph.nodes:
         node = graph.current(stale)
@@ -527,36 +528,61 @@ def merge_qkv(graph: Graph, ctx: PassContext) -> int:
             continue
         ix = Index(graph)
         dense = [_projection(graph, ix, name, node) for name in node.inputs[:3]]
-        if any(d is None for d in dense) or len({id(d) for d in dense}) != 3 or len({d.inputs[0] for d in dense}) != 1:
+        if any(d is None for d in dense) or len({id(d) for d in dense}) != 3:
             continue
-        op = dense[0].op
-        if any(d.op != op for d in dense) or (op == "QDense" and not _same_input_quantization(graph, dense)):
+        if len({d.inputs[0] for d in dense}) == 1:
+            merged = _merge_projections(graph, dense, node)
+            if merged is None:
+                continue
+            hidden = merged[1]
+            inputs = (merged[0],) * 3
+            offsets = dict(q_offset=0, k_offset=hidden, v_offset=2 * hidden)
+        elif dense[1].inputs[0] == dense[2].inputs[0] != dense[0].inputs[0]:
+            merged = _merge_projections(graph, dense[1:], node)
+            if merged is None:
+                continue
+            hidden = merged[1]
+            inputs = (node.inputs[0], merged[0], merged[0])
+            offsets = dict(q_offset=0, k_offset=0, v_offset=hidden)
+        else:
             continue
-        weights = [graph.const(d.inputs[1]) for d in dense]
-        b = _PROJECTIONS[op][0]
-        has_bias = [bool(_input(d, b)) for d in dense]
-        if len({w.shape for w in weights}) != 1 or len({w.dtype for w in weights}) != 1 or len(set(has_bias)) != 1:
-            continue
-        hidden = weights[0].shape[1]
-        w = graph.add_constant(graph.fresh_name(f"{dense[0].inputs[1]}_qkv"), np.concatenate(weights, axis=1))
-        inputs = (dense[0].inputs[0], w)
-        if op == "QDense":  # per-column weight scales, then the input's quantization (shared)
-            scales = np.concatenate([graph.const(d.inputs[2]).reshape(-1) for d in dense])
-            inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[2]}_qkv"), scales), _input(dense[0], 3), _input(dense[0], 4))
-        if has_bias[0]:
-            bias = np.concatenate([graph.const(d.inputs[b]).reshape(-1) for d in dense])
-            inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[b]}_qkv"), bias),)
-        while not inputs[-1]:
-            inputs = inputs[:-1]
-        qkv = graph.fresh_name(f"{dense[0].outputs[0]}_qkv")
-        x_info = graph.info(dense[0].inputs[0])
-        fused = Node(op, inputs, (qkv,), {"activation": "none"}, name=f"{dense[0].name or 'query'}_qkv", domain=ENGINE_DOMAIN)
-        graph.add_node(fused, [TensorInfo(x_info.dtype, tuple(x_info.shape[:-1]) + (3 * hidden,))], index=graph.nodes.index(node))
-        attrs = dict(node.attrs, hidden=hidden, q_offset=0, k_offset=hidden, v_offset=2 * hidden)
-        graph.replace_node(node, node.replace(inputs=(qkv, qkv, qkv) + node.inputs[3:], attrs=attrs))
+        attrs = dict(node.attrs, hidden=hidden, **offsets)
+        graph.replace_node(node, node.replace(inputs=inputs + node.inputs[3:], attrs=attrs))
         changed += 1
     graph.remove_unused()
     return changed
+
+
+def _merge_projections(graph: Graph, dense: list[Node], attention: Node) -> tuple[str, int] | None:
+    """One Dense (or QDense) over the concatenated weights of projections of one input, added
+    before `attention`: ``(its output, the width of one projection)``, or None if they differ."""
+    op = dense[0].op
+    if any(d.op != op for d in dense) or (op == "QDense" and not _same_input_quantization(graph, dense)):
+        return None
+    weights = [graph.const(d.inputs[1]) for d in dense]
+    b = _PROJECTIONS[op][0]
+    has_bias = [bool(_input(d, b)) for d in dense]
+    if len({w.shape for w in weights}) != 1 or len({w.dtype for w in weights}) != 1 or len(set(has_bias)) != 1:
+        return None
+    hidden = weights[0].shape[1]
+    tag = "qkv" if len(dense) == 3 else "kv"
+    w = graph.add_constant(graph.fresh_name(f"{dense[0].inputs[1]}_{tag}"), np.concatenate(weights, axis=1))
+    inputs = (dense[0].inputs[0], w)
+    if op == "QDense":  # per-column weight scales, then the input's quantization (shared)
+        scales = np.concatenate([graph.const(d.inputs[2]).reshape(-1) for d in dense])
+        inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[2]}_{tag}"), scales), _input(dense[0], 3), _input(dense[0], 4))
+    if has_bias[0]:
+        bias = np.concatenate([graph.const(d.inputs[b]).reshape(-1) for d in dense])
+        inputs += (graph.add_constant(graph.fresh_name(f"{dense[0].inputs[b]}_{tag}"), bias),)
+    while not inputs[-1]:
+        inputs = inputs[:-1]
+    out = graph.fresh_name(f"{dense[0].outputs[0]}_{tag}")
+    x_info = graph.info(dense[0].inputs[0])
+    default = "query" if tag == "qkv" else "key"
+    fused = Node(op, inputs, (out,), {"activation": "none"}, name=f"{dense[0].name or default}_{tag}", domain=ENGINE_DOMAIN)
+    width = len(dense) * hidden
+    graph.add_node(fused, [TensorInfo(x_info.dtype, tuple(x_info.shape[:-1]) + (width,))], index=graph.nodes.index(attention))
+    return out, hidden
 
 
 def _same_input_quantization(graph: Graph, nodes: list[Node]) -> bool:

@@ -151,7 +151,9 @@ def test_qkv_projection_reaches_the_int8_attention_transposed(batch, seq):
     }
     plan = engine.plan(feeds)
     chained = [c for c in plan.sparse_chains.values() if c.consumer.op == "Attention"]
-    assert len(chained) == (2 if seq % 64 == 0 else 0)
+    # the first layer; the last one's queries are one row per sequence (the classifier reads
+    # token 0: passes/rows.py), projected on their own, and its attention runs in fp32
+    assert len(chained) == (1 if seq % 64 == 0 else 0)
     assert all(c.workspace.startswith("Attention_int8__qkv") and c.producer.op == "Dense" for c in chained)
     unchained = Plan(plan.graph, chain_sparse=False)
     assert not unchained.sparse_chains
