@@ -147,6 +147,8 @@ def _hoist_one(graph: Graph, ix: Index, gather: Node) -> bool:
     readers = ix.cons.get(value, [])
     if value in graph.outputs or not all(_same_rows(graph, r, value, axis, ids, ndim) for r in readers):
         return False
+    if any(r.outputs[0] in graph.outputs for r in readers[1:]):  # one of them would lose its name
+        return False
     producer = ix.prod.get(value)
     picked = None if producer is None else _row_inputs(graph, producer, axis)
     if picked is None:

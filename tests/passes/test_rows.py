@@ -119,7 +119,7 @@ def test_elementwise_operands_are_gathered_where_they_vary_along_the_axis():
 
 @pytest.mark.parametrize(
     "case",
-    ["read_elsewhere", "all_rows", "last_axis", "softmax_over_rows", "graph_output"],
+    ["read_elsewhere", "all_rows", "last_axis", "softmax_over_rows", "graph_output", "twin_outputs"],
 )
 def test_the_gather_stays_where_moving_it_would_change_the_result_or_save_nothing(case):
     nodes = [node("Tanh", ["x"], ["t"])]
@@ -136,6 +136,9 @@ def test_the_gather_stays_where_moving_it_would_change_the_result_or_save_nothin
         nodes = [node("Softmax", ["x"], ["t"], axis=1)]
     elif case == "graph_output":
         outputs.append("t")
+    elif case == "twin_outputs":  # two graph outputs, the same rows: each keeps its name
+        nodes.append(node("Gather", ["t", "idx"], ["g2"], axis=axis))
+        outputs.append("g2")
     nodes.append(node("Gather", ["t", "idx"], ["g"], axis=axis))
     before = bind(onnx_graph(nodes, {"x": ["b", "s", 4]}, outputs, {"idx": indices}), x=(2, 3, 4))
     before = optimize(before, fold_constants)
