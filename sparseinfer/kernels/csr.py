@@ -747,13 +747,16 @@ def few_rows_kernel(X, indptr, indices, data, bias, residual, out, act, nparts):
     with one panel (``kb = K``: plain compressed columns). A part (``nparts``, one per thread)
     owns a range of output columns; panel after panel, it adds the dot product of each column's
     segment with the rows of X (read in place, four partial sums) to ``out``, so that it reads the
-    pack in runs, and prefetches :data:`FEW_ROWS_AHEAD` nonzeros ahead: each weight is read once
-    per run, from DRAM. (Cold caches, 2 threads, one row: FF1 270 us with 128-row panels, 178
-    with one panel, 123 with the prefetch.) Why: the column kernel computes a chunk of at least 16 rows, and with 16
-    lanes its CSR loop runs far below the 128-lane loop (BERT-base FF1 at 10% density, 2 threads:
-    one row 522-766 us, 16 rows 571 us, 128 rows 365 us); this kernel takes that one row in
-    ~80-120 us (FF1, FF2), and stays ahead up to 4 rows. Blocks keep the column kernel (1 x 4 at
-    one row: 65 us; a block loop here was slower)."""
+    pack in runs, and prefetches :data:`FEW_ROWS_AHEAD` nonzeros ahead.
+
+    Why: the column kernel computes a chunk of at least 16 rows, and with 16 lanes its CSR loop
+    runs far below the 128-lane loop (BERT-base FF1 at 10% density, 2 threads, weights in cache:
+    one row 522-766 us, 16 rows 571 us, 128 rows 365 us). This kernel takes FF1 or FF2 on one
+    row in 67-100 us with the weights in cache; in a run they come from DRAM (caches flushed: FF1
+    270 us with 128-row panels, 178 with one panel, 123 with the prefetch). It stays ahead of
+    the column kernel up to 4 rows. Blocks keep the column kernel (1 x 4 on one row: 65 us; a
+    block loop here was slower).
+    """
     M = X.shape[0]
     N = out.shape[1]
     npanel = (indptr.shape[0] - 1) // max(N, 1)
