@@ -11,8 +11,8 @@ its own query row and on all keys and values. So
 
 and the Gather can move up until it meets a value that something else reads in full (the last
 layer's input: the keys and values need every token). In BERT-base at sequence length 128 the
-last layer's attention output projection, both LayerNorms, the feed-forward pair and its query
-projection then run on one row instead of 128: about a twelfth of the encoder's matmul work.
+last layer's query projection, attention, output projection, both LayerNorms and feed-forward
+pair then run on one row instead of 128: all of that layer's work but its K and V projections.
 
 What moves: a Gather with constant integer indices (in range, fewer than the axis holds) on an
 axis that is not the last, of a value read only by Gathers with the same axis and indices, and
@@ -27,9 +27,11 @@ not a graph output, whose producer is
 
 QDense does not take part: its dynamic quantization takes the scale of the whole input, so its
 rows are not independent. A scalar index (the pooler's) drops the axis; the moved ops then keep
-it with one row, and the Gather that is left selects row 0 of one. The results are the same
-values computed in the same order per row (the tests compare the engine with onnxruntime on the
-original model). Disable with ``PassContext(disabled={"hoist_row_gather"})``.
+it with one row, and the Gather that is left selects row 0 of one. Each row read is computed by
+the same ops from the same operands, so the reference executor gives the same outputs; the engine
+may run a step on a few rows with another kernel (CSR: :func:`~sparseinfer.kernels.csr.few_rows_kernel`),
+which rounds differently (the tests compare with onnxruntime on the original model). Disable with
+``PassContext(disabled={"hoist_row_gather"})``.
 """
 
 from __future__ import annotations
