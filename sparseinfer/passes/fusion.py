@@ -61,19 +61,17 @@ class Index:
 Fusion = Callable[[Graph, Index, Node], tuple[Node, list[Node]] | None]
 
 
-def _rewrite(graph: Graph, table: dict[str, Fusion]) -> int:
-    """Apply a fusion table until nothing matches. Returns the number of rewrites."""
+def until_stable(graph: Graph, step: Callable[[Graph, Index, Node], bool]) -> int:
+    """Call ``step(graph, index, node)`` on the nodes in order until no call changes the graph; after
+    each change the scan starts again (the index is stale) and unused nodes are dropped. Returns
+    the number of changes; shapes are inferred again if there were any."""
     count = 0
     progress = True
     while progress:
         progress = False
         index = Index(graph)
         for node in graph.nodes:
-            fn = table.get(node.op) if node.domain == "" else None
-            result = fn(graph, index, node) if fn is not None else None
-            if result is not None:
-                last, new = result
-                graph.replace_node(last, new)
+            if step(graph, index, node):
                 count += 1
                 progress = True
                 break  # the index is stale now: rescan
@@ -81,6 +79,21 @@ def _rewrite(graph: Graph, table: dict[str, Fusion]) -> int:
     if count:
         infer_shapes(graph)
     return count
+
+
+def _rewrite(graph: Graph, table: dict[str, Fusion]) -> int:
+    """Apply a fusion table until nothing matches. Returns the number of rewrites."""
+
+    def step(graph: Graph, index: Index, node: Node) -> bool:
+        fn = table.get(node.op) if node.domain == "" else None
+        result = fn(graph, index, node) if fn is not None else None
+        if result is None:
+            return False
+        last, new = result
+        graph.replace_node(last, new)
+        return True
+
+    return until_stable(graph, step)
 
 
 def _close(value: float | None, target: float, rel: float = 1e-4) -> bool:

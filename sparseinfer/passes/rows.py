@@ -40,8 +40,7 @@ import numpy as np
 
 from ..graph import Graph, Node, TensorInfo
 from ..graph.reference import ENGINE_DOMAIN
-from ..graph.shapes import infer_shapes
-from .fusion import Index
+from .fusion import Index, until_stable
 from .manager import PassContext, function_pass
 
 UNARY = frozenset({"Abs", "Cast", "Erf", "Exp", "Gelu", "Identity", "Neg", "Relu", "Sigmoid", "Sqrt", "Tanh"})
@@ -174,7 +173,6 @@ def _hoist_one(graph: Graph, ix: Index, gather: Node) -> bool:
         graph.set_info(first.outputs[0], info)
     for r in rest:
         graph.replace_uses(r.outputs[0], first.outputs[0])
-    graph.remove_unused()
     return True
 
 
@@ -182,16 +180,4 @@ def _hoist_one(graph: Graph, ix: Index, gather: Node) -> bool:
 def hoist_row_gather(graph: Graph, ctx: PassContext) -> int:
     """Gathers of rows moved above the row-wise ops that produce their input (module docstring),
     until none moves; the result is how many ops were moved."""
-    moved = 0
-    progress = True
-    while progress:
-        progress = False
-        ix = Index(graph)
-        for node in graph.nodes:
-            if _hoist_one(graph, ix, node):
-                moved += 1
-                progress = True
-                break  # the index is stale now: rescan
-    if moved:
-        infer_shapes(graph)
-    return moved
+    return until_stable(graph, _hoist_one)

@@ -35,12 +35,18 @@ def unpack_csr(indptr, indices, data, K, N):
     return W
 
 
-def check(seed, M, K, N, dens, use_bias, use_res, act, kb=None, empty_rows=0, empty_cols=0, workspace=None):
+def operands(seed, M, K, N, dens, use_bias, use_res, empty_rows=0, empty_cols=0):
+    """Random ``X [M, K]``, sparse ``W [K, N]``, and bias and residual (or None)."""
     rng = np.random.default_rng(seed)
     X = rng.uniform(-1, 1, (M, K)).astype(np.float32)
     W = sparse_weight(rng, K, N, dens, empty_rows, empty_cols)
     bias = rng.uniform(-1, 1, N).astype(np.float32) if use_bias else None
     res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res else None
+    return X, W, bias, res
+
+
+def check(seed, M, K, N, dens, use_bias, use_res, act, kb=None, empty_rows=0, empty_cols=0, workspace=None):
+    X, W, bias, res = operands(seed, M, K, N, dens, use_bias, use_res, empty_rows, empty_cols)
     packed = pack_csr(W) if kb is None else pack_csr(W, kb)
     out = np.full((M, N), np.nan, np.float32)  # every element must be written
     C.csr_matmul(X, packed, N, bias, res, out, act, workspace=workspace)
@@ -205,11 +211,7 @@ def test_csr_rows_4k_apart(N):
 def test_few_rows_kernel(seed, M, K, N, dens, use_bias, use_res, act, one_panel, narrow, parts):
     """The kernel for a classifier's last rows, on packs of one panel (as the plan stores them)
     or 128-row panels, int16 or int32 row indices, any number of parts."""
-    rng = np.random.default_rng(seed)
-    X = rng.uniform(-1, 1, (M, K)).astype(np.float32)
-    W = sparse_weight(rng, K, N, dens)
-    bias = rng.uniform(-1, 1, N).astype(np.float32) if use_bias else None
-    res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res else None
+    X, W, bias, res = operands(seed, M, K, N, dens, use_bias, use_res)
     indptr, indices, data = pack_csr(W, K) if one_panel else pack_csr(W)
     if narrow:
         indices = C.narrow_indices(indices)
