@@ -32,6 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
+import sparseinfer  # noqa: E402, F401, I001  (before numba: it sets numba's compile target)
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402

@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import sparseinfer  # noqa: E402, F401, I001  (before numba: it sets numba's compile target)
 import numba  # noqa: E402
 
 from sparseinfer.kernels import dense as D  # noqa: E402

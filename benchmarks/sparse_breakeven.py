@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import sparseinfer  # noqa: E402, F401, I001  (before numba: it sets numba's compile target)
 import numba  # noqa: E402
 
 from sparseinfer.kernels import bsr as B  # noqa: E402

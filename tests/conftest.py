@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sparseinfer  # noqa: F401  before any test module imports numba: it sets numba's compile target
+
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["models"]
 
