@@ -33,15 +33,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KB_CSR", "KB_BSR_NARROW", "pack_csr", "pack_bsr", "aligned_empty", "density"]
+__all__ = ["KB_CSR", "KB_BSR_NARROW", "PANEL_BYTES", "panel_rows", "pack_csr", "pack_bsr", "aligned_empty", "density"]
 
-# Default K-panel heights (rows of W per panel), measured on BERT-base shapes: 128 rows
-# (x 128 lanes x 4 B = 64 KiB of X.T) for kernels that do one FMA per X.T load (CSR and
-# blocks one column wide: 1.2-1.3x faster than no panels at K = 3072); none for blocks
-# 2+ columns wide, which are FMA bound and lose 1.5-4x when columns go through memory
-# between panels.
-KB_CSR = 128
-KB_BSR_NARROW = 128
+# K panels: for kernels that do one FMA per X.T load (CSR and blocks one column wide) a panel
+# is 64 KiB of X.T, ``panel_rows(lanes)`` rows of W (128 rows at 128 lanes: 1.2-1.3x faster
+# than no panels at K = 3072; at 64 lanes, 256 rows beat 128 by 4-6% on all four BERT-base
+# shapes). Blocks 2+ columns wide have none: they are FMA bound and lose 1.5-4x when columns go
+# through memory between panels.
+PANEL_BYTES = 64 * 1024
+
+
+def panel_rows(lanes: int) -> int:
+    """Rows of W per K panel for row chunks of ``lanes`` rows: ``PANEL_BYTES`` of X.T."""
+    return max(1, PANEL_BYTES // (4 * int(lanes)))
+
+
+KB_CSR = panel_rows(128)
+KB_BSR_NARROW = panel_rows(128)
 
 
 def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:

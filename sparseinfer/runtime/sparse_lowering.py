@@ -10,8 +10,8 @@ producer writes its result, bias and activation applied, straight into the consu
 (the kernel's ``xnext`` mode) and the consumer skips its input transposition (``xready``). The
 intermediate tensor then never exists in row-major form: the plan gives it no arena buffer and
 it is never in a run's ``env``. A chain needs a producer without residual (the residual is
-row-major) and both kernels with the same row chunk (``chunk_rows`` of the block width, 128
-for CSR), so that one ``xt`` layout serves both; otherwise each step is lowered on its own.
+row-major) and both kernels with the same row chunk (``chunk_rows`` of the block width and the
+rows: 64 for CSR at 128 rows and 2 threads), so that one ``xt`` layout serves both; otherwise each step is lowered on its own.
 
 The chained ``xt`` lives in the plan's per-arena workspaces. Chains of the same shape whose
 live ranges (producer step to consumer step) do not overlap share one array.
@@ -29,7 +29,7 @@ from ..graph import Graph, Node
 from ..graph.reference import ENGINE_DOMAIN
 from ..kernels import bsr as k_bsr
 from ..kernels import csr as k_csr
-from ..kernels.sparse_formats import pack_bsr, pack_csr
+from ..kernels.sparse_formats import pack_bsr, pack_csr, panel_rows
 
 if TYPE_CHECKING:
     from .plan import DenseOperands, Plan, Step
@@ -106,6 +106,12 @@ def link_chains(
     return chains
 
 
+def chunk_lanes(c: int, m: int) -> int:
+    """The row chunk of a sparse Dense step with blocks ``c`` wide on ``m`` rows, split into one
+    part per Numba thread (:func:`sparseinfer.kernels.bsr.chunk_rows`)."""
+    return k_bsr.chunk_rows(c, m, k_csr.numba.config.NUMBA_NUM_THREADS)
+
+
 def find_chains(graph: Graph) -> dict[str, Chain]:
     """The chainable producer -> consumer pairs of fp32 sparse Dense nodes, by intermediate value."""
     from .plan import dense_operands
@@ -115,8 +121,8 @@ def find_chains(graph: Graph) -> dict[str, Chain]:
         if bp is None or bq is None:
             return None
         p, q = dense_operands(graph, node), dense_operands(graph, consumer)
-        lanes = k_bsr.chunk_rows(bp[1])
-        if p.residual is not None or lanes != k_bsr.chunk_rows(bq[1]) or p.m != q.m or q.k != p.n:
+        lanes = chunk_lanes(bp[1], p.m)
+        if p.residual is not None or lanes != chunk_lanes(bq[1], q.m) or p.m != q.m or q.k != p.n:
             return None
         if p.m <= k_csr.FEW_ROWS and (1, 1) in (bp, bq):  # CSR on a few rows: few_rows_kernel, row-major
             return None
@@ -137,19 +143,23 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
     else:
         block = tuple(node.attrs["block"])
         r, c = k_bsr.check_block(block)
-    lanes = k_bsr.chunk_rows(c)
+    lanes = chunk_lanes(c, m)
     kernel = k_csr.chain_kernel(r, c, k_csr.lanes_for(m, lanes))
     # steps run one after another and the scratch does not outlive a step: share it per shape
     xt_shape, ot_shape = k_csr.workspace_shapes(m, max(r, -(-k // r) * r), lanes)
-    # the pack in the traversal order of this call's row chunks and threads: plans with other
-    # chunk counts hold their own (blocks wider than a column come in one panel, not reordered)
+    # the pack in the traversal order of this call's row chunks and threads, in K panels of 64 KiB
+    # of its chunks: plans with other chunks hold their own (blocks wider than a column come in
+    # one panel, not reordered)
     parts = ot_shape[0]
 
     def make_pack():
-        packed = pack_csr(weight) if block is None else pack_bsr(weight, block)
+        if block is None:
+            packed = pack_csr(weight, kb=panel_rows(lanes))
+        else:
+            packed = pack_bsr(weight, block, kb=panel_rows(lanes) if c == 1 else None)
         return k_csr.traversal_order(packed, n, c, m, lanes, parts)
 
-    key = ("sparse", ops.w, block) + ((xt_shape[0], parts) if c == 1 else ())
+    key = ("sparse", ops.w, block) + ((xt_shape[0], parts, lanes) if c == 1 else ())
     indptr, indices, data, order = plan.weights.get(key, make_pack)
     src = plan.sparse_chains.get(ops.x)
     src = src if src is not None and src.consumer is node else None

@@ -102,6 +102,26 @@ def test_bsr_workspace_reuse():
         check(M, M, K, N, block, 0.3, True, False, B.ACT_NONE, workspace=ws)
 
 
+@pytest.mark.parametrize(
+    "c, m, parts, lanes",
+    [
+        (1, 0, 2, 128),  # no rows given: the widest
+        (1, 128, 1, 128),
+        (1, 128, 2, 64),  # one 128-row chunk for two threads: two of 64
+        (1, 129, 2, 128),  # two chunks already
+        (1, 256, 2, 128),
+        (1, 100, 4, 64),  # never below 64 rows
+        (2, 128, 2, 64),
+        (4, 128, 2, 64),
+        (4, 4096, 2, 64),
+        (8, 128, 2, 32),  # blocks this wide have narrower tiles, unchanged
+        (16, 1, 8, 16),
+    ],
+)
+def test_chunk_rows(c, m, parts, lanes):
+    assert B.chunk_rows(c, m, parts) == lanes
+
+
 def test_bsr_unsupported_block():
     W = np.ones((8, 8), np.float32)
     with pytest.raises(ValueError, match=r"block \(3, 4\) is not supported"):

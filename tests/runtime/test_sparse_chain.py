@@ -10,6 +10,7 @@ import pytest
 from sparseinfer.graph import Graph, Node, TensorInfo, run_graph
 from sparseinfer.graph.reference import ENGINE_DOMAIN
 from sparseinfer.runtime.plan import Plan
+from sparseinfer.runtime.sparse_lowering import chunk_lanes
 from tests.tolerances import tolerance
 
 M, DIMS = 37, (40, 70, 50, 40)  # rows and widths that are not multiples of 16 or of the blocks
@@ -93,6 +94,15 @@ def test_pair_is_chained(layouts):
     check_outputs(g, plan)
 
 
+def test_csr_and_1x4_chain_when_their_chunks_agree():
+    # 1 x 4 blocks use 64-row chunks; CSR narrows its 128-row chunk to 64 when M leaves a thread
+    # without a chunk of its own (M = 37 and 2+ threads), and only then do the two share xt
+    g = chain_graph([("csr", None), ("bsr", (1, 4))])
+    plan = Plan(g)
+    assert bool(plan.sparse_chains) == (chunk_lanes(1, M) == chunk_lanes(4, M))
+    check_outputs(g, plan)
+
+
 def test_three_links_use_two_workspaces():
     # the middle Dense reads one chained workspace and writes another: they must not be the same array
     g = chain_graph([("csr", None), ("csr", None), ("csr", None)])
@@ -108,7 +118,7 @@ def test_three_links_use_two_workspaces():
         ([("csr", None), ("csr", None)], {"also_output": True}),
         ([("csr", None), ("csr", None)], {"extra_reader": True}),
         ([("csr", None), ("csr", None)], {"residual_on": 0}),  # the producer's residual is row-major
-        ([("csr", None), ("bsr", (1, 4))], {}),  # 128-row vs 64-row chunks
+        ([("csr", None), ("bsr", (1, 8))], {}),  # 64- or 128-row vs 32-row chunks
         ([("csr", None), ("dense", None)], {}),
         ([("dense", None), ("csr", None)], {}),
     ],
