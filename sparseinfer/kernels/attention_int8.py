@@ -136,26 +136,11 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from sparseinfer.kernels.attention import (
-    _hmax,
-    _hsum,
-    _ld_scalar,
-    _rowmax8,
-    _vadd,
-    _vbc,
-    _vld,
-    _vmax,
-    _vmul,
-    _vset,
-    _vst,
-    _vst_scalar,
-    _vstn,
-    _vsub,
-    f32x16,
-)
-from sparseinfer.kernels.attention import _vzero as _fzero
+from sparseinfer.kernels.attention import _ld_scalar, _rowmax8, _vst_scalar
 from sparseinfer.kernels.csr import _prefetch, transpose16
 from sparseinfer.kernels.int8 import DOT_INSTRUCTION, HAS_VNNI, _dpbusd, _f32_from_bits, _ordered, _vstore, _vzero, i32x16
+from sparseinfer.kernels.simd import _hmax, _hsum, _vadd, _vbc, _vld, _vmax, _vmul, _vset, _vst, _vstn, _vsub, f32x16
+from sparseinfer.kernels.simd import _vzero as _fzero
 from sparseinfer.kernels.sparse_formats import aligned_empty
 
 __all__ = [

@@ -18,8 +18,14 @@ one broadcast and a contiguous axpy over a tile of ``L`` rows of ``X``::
 
 With ``L = 128`` one nonzero costs one index load, one broadcast and 8
 vector FMAs with a memory operand.  ``L`` (16, 32, 64 or 128: the narrowest
-that covers ``M``, at most 128) is a compile-time literal, so the accumulator
-is a fixed-size stack array that LLVM keeps in registers.  Two parallel
+that covers ``M``, at most the chunk) is a compile-time literal, so the accumulator
+is a fixed-size stack array that LLVM keeps in registers.  For CSR at ``L``
+16 and 32 the nonzero loop is written with explicit ``<16 x float>`` values
+(:mod:`sparseinfer.kernels.simd`): LLVM unrolls a 16- or 32-iteration lane
+loop before it vectorizes and then emits one scalar FMA per lane (Intel Xeon,
+Sapphire Rapids, 2 threads, 10% density, BERT-base shapes: 8-16 rows 365 ->
+113 us for 768 x 2304, 529 -> 161 for 3072 x 768; 32 rows 736 -> 138 and
+990 -> 208).  Two parallel
 regions per call (a Numba region costs ~1 us):
 
 1. ``X`` is transposed, 16 x 16 blocks at a time in registers
@@ -78,12 +84,15 @@ calls before.  That is a quarter to a third of a call at 10% density
 (240, 92, 360 and 345 us), and 25-30 us of FF1's was the GELU (less since ``gelu_f32``
 uses FMAs and a reciprocal: ~25% faster per element).  What did not help: two accumulator sets
 per column to break the FMA dependency chain (more instructions, slower);
-64-row tiles (half the FMAs per index load); sorting columns by nonzero
+64-row tiles (half the FMAs per index load; on Zen 5, whose two vCPUs share a
+core: with two threads on separate cores, one 64-row chunk per thread is
+faster, see :func:`sparseinfer.kernels.bsr.chunk_rows`); sorting columns by nonzero
 count (branch mispredictions are not the limit); a separate function per
 column (LLVM did not inline it; the call cost 25%).  The limit of the
 unstructured kernel is L2 -> L1 bandwidth for the rows of ``xt`` (each FMA
 reads a fresh 64-byte line): with the same nonzeros and all rows in L1 the
-compute is ~1.5x faster.  K panels (``kb = 128`` rows) recover part of that
+compute is ~1.5x faster.  K panels (``kb = 128`` rows at 128 lanes: 64 KiB of
+``xt``, :func:`~sparseinfer.kernels.sparse_formats.panel_rows`) recover part of that
 for K = 3072 (re-measured at 10% density: panels of 32 to 256 rows, no
 panels, and tasks of 64 or 128 columns were all slower than ``kb = 128``,
 ``NB = 256``).
@@ -105,6 +114,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from sparseinfer.kernels.dense import ACT_GELU, ACT_GELU_EXACT, ACT_NONE, ACT_TANH, _activate, gelu_f32, stack_f32
+from sparseinfer.kernels.simd import _vfma, _vld, _vset, _vst, _vzero
 from sparseinfer.kernels.sparse_formats import aligned_empty, pack_csr
 
 __all__ = [
@@ -385,7 +395,12 @@ def _bias_act(a, s, t0, nc, bias, n0, act, L):
 @njit(nogil=True, error_model="numpy", inline="always")
 def _resume(acc, ot, slot, t, first, C, L):
     """The accumulators of the column parked at row ``t`` of the thread's slot: zeros in its first panel."""
-    if first:
+    if C == 1 and L <= 32:  # whole vectors, as _accumulate reads them (scalar stores would stall its loads)
+        ap = acc.ctypes.data
+        op = ot.ctypes.data + np.uint64(slot * ot.strides[0] + t * ot.strides[1])
+        for v in range(L // 16):
+            _vst(ap + np.uint64(64 * v), _vzero() if first else _vld(op + np.uint64(64 * v)))
+    elif first:
         for c in range(C):
             for j in range(L):
                 acc[c, j] = 0.0
@@ -399,6 +414,24 @@ def _resume(acc, ot, slot, t, first, C, L):
 def _accumulate(acc, w, xt, ch, indptr, indices, data, q, R, C, L):
     """``acc[c, :L] += W[k + i, n + c] * xt[ch, k + i, :L]`` over the nonzero blocks of segment ``q``
     of the pack.  Inlined into the caller (at Numba IR level, so ``R, C, L`` stay literals)."""
+    if R == 1 and C == 1 and L <= 32:
+        # CSR on a narrow tile: explicit vectors.  LLVM unrolls a j loop of 16 or 32 iterations
+        # before it vectorizes, and then emits one scalar FMA per lane (6-8x slower per nonzero)
+        ap = acc.ctypes.data
+        a0 = _vld(ap)
+        a1 = _vld(ap + np.uint64(64)) if L == 32 else a0
+        xb = xt.ctypes.data + np.uint64(ch * xt.strides[0])
+        rs = np.uint64(xt.strides[1])
+        for p in range(np.uint64(indptr[q]), np.uint64(indptr[q + 1])):
+            xa = xb + np.uint64(indices[p]) * rs
+            wv = _vset(data[p, 0, 0])
+            a0 = _vfma(wv, _vld(xa), a0)
+            if L == 32:
+                a1 = _vfma(wv, _vld(xa + np.uint64(64)), a1)
+        _vst(ap, a0)
+        if L == 32:
+            _vst(ap + np.uint64(64), a1)
+        return
     for p in range(np.uint64(indptr[q]), np.uint64(indptr[q + 1])):
         k0 = np.uint64(indices[p])
         if R == 1 and C == 1:  # CSR: a scalar weight (the stack copy below costs ~3% here)
