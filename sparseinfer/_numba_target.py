@@ -8,8 +8,8 @@ and block kernels keep a 128-lane column in 8 zmm; see :mod:`sparseinfer.kernels
 for 256 bits, every FMA of that loop becomes two.  Measured on an Intel Xeon (Sapphire Rapids,
 2 cores, numba 0.68.1), BERT-base at batch 1, sequence 128, against dense onnxruntime in the
 same run: 90% unstructured 3.01x -> 3.53x, 90% in 1 x 4 blocks 3.54x -> 4.85x; one CSR nonzero
-(8 FMAs over a row held in L1) 2.9 -> 2.2 ns.  AMD's Zen 4 and 5 are not tuned that way and
-get 512-bit code either way.
+(a 128-lane row held in L1) 2.9 -> 2.2 ns.  On a CPU whose tuning does not prefer 256 bits the
+setting changes nothing.
 
 Numba builds its LLVM target machine once, when it is imported, from ``NUMBA_CPU_FEATURES``
 (default: the host's features).  :func:`configure` therefore sets that variable, before

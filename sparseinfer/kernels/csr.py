@@ -395,7 +395,7 @@ def _bias_act(a, s, t0, nc, bias, n0, act, L):
 @njit(nogil=True, error_model="numpy", inline="always")
 def _resume(acc, ot, slot, t, first, C, L):
     """The accumulators of the column parked at row ``t`` of the thread's slot: zeros in its first panel."""
-    if C == 1 and L <= 32:  # whole vectors, as _accumulate reads them (scalar stores would stall its loads)
+    if C == 1 and L <= 32:  # whole vectors: the narrow CSR loop of _accumulate loads them so (scalar stores would stall it)
         ap = acc.ctypes.data
         op = ot.ctypes.data + np.uint64(slot * ot.strides[0] + t * ot.strides[1])
         for v in range(L // 16):

@@ -10,8 +10,9 @@ producer writes its result, bias and activation applied, straight into the consu
 (the kernel's ``xnext`` mode) and the consumer skips its input transposition (``xready``). The
 intermediate tensor then never exists in row-major form: the plan gives it no arena buffer and
 it is never in a run's ``env``. A chain needs a producer without residual (the residual is
-row-major) and both kernels with the same row chunk (``chunk_rows`` of the block width and the
-rows: 64 for CSR at 128 rows and 2 threads), so that one ``xt`` layout serves both; otherwise each step is lowered on its own.
+row-major) and both kernels with the same row chunk (``chunk_rows`` of the block width, the
+rows and the threads: 64 for CSR at 128 rows and 2 threads), so that one ``xt`` layout serves
+both; otherwise each step is lowered on its own.
 
 The chained ``xt`` lives in the plan's per-arena workspaces. Chains of the same shape whose
 live ranges (producer step to consumer step) do not overlap share one array.
