@@ -54,16 +54,22 @@ def check(seed, M, K, N, dens, use_bias, use_res, act, kb=None, empty_rows=0, em
     np.testing.assert_allclose(out, ref, **tolerance("csr", np.float32, K))
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    M=st.sampled_from([1, 2, 15, 16, 17, 40, 64, 127, 128, 129, 200, 300]),
+# the weight, density and epilogue drawn by both kernels' property tests (see operands())
+OPERANDS = dict(
     K=st.integers(1, 300),
     N=st.integers(1, 300),
     dens=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
     use_bias=st.booleans(),
     use_res=st.booleans(),
     act=st.sampled_from(list(ACTS)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    M=st.sampled_from([1, 2, 15, 16, 17, 40, 64, 127, 128, 129, 200, 300]),
+    **OPERANDS,
     kb=st.sampled_from([None, 1, 16, 50, 10_000]),
     empty_rows=st.integers(0, 20),
     empty_cols=st.integers(0, 20),
@@ -198,12 +204,7 @@ def test_csr_rows_4k_apart(N):
 @given(
     seed=st.integers(0, 2**31 - 1),
     M=st.integers(1, C.FEW_ROWS),
-    K=st.integers(1, 300),
-    N=st.integers(1, 300),
-    dens=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
-    use_bias=st.booleans(),
-    use_res=st.booleans(),
-    act=st.sampled_from(list(ACTS)),
+    **OPERANDS,
     one_panel=st.booleans(),
     narrow=st.booleans(),
     parts=st.integers(1, 3),
