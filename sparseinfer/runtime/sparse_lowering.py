@@ -132,6 +132,20 @@ def find_chains(graph: Graph) -> dict[str, Chain]:
     return link_chains(graph, link)
 
 
+def engine_pack(weight: np.ndarray, block: tuple[int, int] | None, m: int, lanes: int, parts: int):
+    """The pack a sparse Dense step on ``m`` rows in ``lanes``-row chunks and ``parts`` parts
+    hands its kernel: CSR (``block`` None) or ``r x c`` blocks in K panels of 64 KiB of the
+    chunk's ``xt`` (:func:`~sparseinfer.kernels.sparse_formats.panel_rows`; blocks wider than a
+    column in one panel), in the traversal order of those chunks and parts
+    (:func:`~sparseinfer.kernels.csr.traversal_order`): ``(indptr, indices, data, order)``."""
+    c = 1 if block is None else block[1]
+    if block is None:
+        packed = pack_csr(weight, kb=panel_rows(lanes))
+    else:
+        packed = pack_bsr(weight, block, kb=panel_rows(lanes) if c == 1 else None)
+    return k_csr.traversal_order(packed, weight.shape[1], c, m, lanes, parts)
+
+
 def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) -> Step:
     """The kernel step of a sparse Dense; chained to its neighbours where ``plan.sparse_chains`` says."""
     from .plan import Step, _out_rows, _rows
@@ -152,16 +166,8 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
     # of its chunks: plans with other chunks hold their own (blocks wider than a column come in
     # one panel, not reordered)
     parts = ot_shape[0]
-
-    def make_pack():
-        if block is None:
-            packed = pack_csr(weight, kb=panel_rows(lanes))
-        else:
-            packed = pack_bsr(weight, block, kb=panel_rows(lanes) if c == 1 else None)
-        return k_csr.traversal_order(packed, n, c, m, lanes, parts)
-
     key = ("sparse", ops.w, block) + ((xt_shape[0], parts, lanes) if c == 1 else ())
-    indptr, indices, data, order = plan.weights.get(key, make_pack)
+    indptr, indices, data, order = plan.weights.get(key, lambda: engine_pack(weight, block, m, lanes, parts))
     src = plan.sparse_chains.get(ops.x)
     src = src if src is not None and src.consumer is node else None
     dst = plan.sparse_chains.get(node.outputs[0])
