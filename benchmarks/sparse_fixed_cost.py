@@ -106,6 +106,7 @@ def one_shape(M, K, N, block, calls, rng):
             kernel(x_rows if ready else X, *w[:3], b, r, no_out if nxt is xnext else out, a, xt, ot, nxt, ready, w[3])
 
         fns += [call, lambda call=call: call(bias, res, act)]
+    # the loop's last call: d = 0.1
     fns += [lambda: call(bias, res, act, ready=True), lambda: call(bias, None, act, nxt=xnext)]
     fns.append(lambda: call(bias, None, act, ready=True, nxt=xnext))
     return median_us(fns, calls)
