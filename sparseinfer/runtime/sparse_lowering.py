@@ -162,9 +162,8 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
     kernel = k_csr.chain_kernel(r, c, k_csr.lanes_for(m, lanes))
     # steps run one after another and the scratch does not outlive a step: share it per shape
     xt_shape, ot_shape = k_csr.workspace_shapes(m, max(r, -(-k // r) * r), lanes)
-    # the pack in the traversal order of this call's row chunks and threads, in K panels of 64 KiB
-    # of its chunks: plans with other chunks hold their own (blocks wider than a column come in
-    # one panel, not reordered)
+    # a column-wide pack depends on this call's row chunks and threads (engine_pack): plans with
+    # other chunks hold their own
     parts = ot_shape[0]
     key = ("sparse", ops.w, block) + ((xt_shape[0], parts, lanes) if c == 1 else ())
     indptr, indices, data, order = plan.weights.get(key, lambda: engine_pack(weight, block, m, lanes, parts))
