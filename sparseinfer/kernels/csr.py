@@ -449,7 +449,9 @@ def _accumulate(acc, w, xt, ch, indptr, indices, data, q, R, C, L):
 
 
 @njit(nogil=True, error_model="numpy", fastmath={"contract"}, cache=True)
-def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, order, R, C, L):
+def _block_columns(
+    xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, xres, order, R, C, L
+):
     """Block columns ``j0 .. j0 + nj`` (output columns ``C * j0 ..``) for the rows of chunk ``ch``.
 
     ``R, C, L`` are literals (``C * L <= ACC``), so the ``C x L`` accumulator
@@ -504,6 +506,10 @@ def _block_columns(xt, ot, ch, slot, indptr, indices, data, nbc, j0, nj, npanel,
                         xnext[ch, n + c, j] = acc[c, j]
             if nc > 0:
                 _bias_act(xnext, ch, n, nc, bias, n, act, L)
+                if xres is not None:  # a residual in the same layout: one vector add per column
+                    for c in range(nc):
+                        for j in range(L):
+                            xnext[ch, n + c, j] += xres[ch, n + c, j]
         else:
             for c in range(C):
                 for j in range(L):
@@ -551,7 +557,7 @@ def _make_kernel(R, C, L):
     """
 
     @njit(nogil=True, error_model="numpy", parallel=True, cache=True)
-    def kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot, xnext, xready, order):
+    def kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot, xnext, xready, order, xres=None):
         M, K = X.shape
         N = out.shape[1]
         if M == 0 or N == 0:
@@ -575,9 +581,11 @@ def _make_kernel(R, C, L):
                 raise ValueError("order must be [panels + 1, block columns] (use traversal_order)")
             if order[npanel, 0] != nch or order[npanel, 1] != ot.shape[0]:
                 raise ValueError("order was made for other row chunks or parts (traversal_order with this call's M, lanes and ot.shape[0])")
+        if xres is not None and (not tonext or xres.shape[0] < nch or xres.shape[1] < N or xres.shape[2] != W):
+            raise ValueError("xres is the residual of a result written to xnext, in its layout: [>= chunks, >= N, lanes of xt]")
         if residual is not None:
             if tonext:
-                raise ValueError("a result written to xnext cannot take a residual")
+                raise ValueError("a result written to xnext takes its residual as xres, in its layout, not row-major")
             if not residual.flags.c_contiguous:
                 raise ValueError("residual must be C-contiguous")
         if not xready:
@@ -600,7 +608,7 @@ def _make_kernel(R, C, L):
                 m0 = ch * W
                 rows = min(W, M - m0)
                 _block_columns(
-                    xt, ot, ch, s, indptr, indices, d3, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, order, R, C, L
+                    xt, ot, ch, s, indptr, indices, d3, nbc, j0, nj, npanel, out, m0, rows, bias, residual, act, xnext, xres, order, R, C, L
                 )
                 u += nu
 
@@ -615,7 +623,7 @@ NO_ORDER = np.zeros((0, 0), np.int32)
 def chain_kernel(R: int, C: int, L: int):
     """The compiled driver for ``R x C`` blocks and an ``L``-lane register tile (built once).
 
-    Signature ``kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot, xnext, xready, order)``:
+    Signature ``kernel(X, indptr, indices, data, bias, residual, out, act, xt, ot, xnext, xready, order, xres=None)``:
     the operands of :func:`block_kernel`, plus ``order`` (:data:`NO_ORDER`, or the
     traversal order that :func:`traversal_order` made for this call's rows and
     threads, with the pack it reordered) and the two chaining modes
@@ -631,7 +639,12 @@ def chain_kernel(R: int, C: int, L: int):
       values that only ever reach lanes past M.  That is the ``xt`` operand
       of the next call, with ``xready=True``.  ``out`` is then not written
       and only ``out.shape[1]`` (= N) is read (an ``[0, N]`` placeholder
-      will do); there is no residual (a residual is row-major: pass None).
+      will do); ``residual`` (row-major) must be None;
+    * ``xres`` (optional, only with ``xnext``): a residual in the layout of
+      ``xnext`` (``[>= nchunk, >= N, lanes]``), added after the activation:
+      ``xnext = act(X @ W + bias) + residual``, one vector add per column
+      while it is in L1 (the layout in which the plan keeps BERT's residual
+      stream between the sparse steps, :mod:`sparseinfer.runtime.feature_major`).
     """
     key = (int(R), int(C), int(L))
     k = _DRIVERS.get(key)

@@ -1,4 +1,4 @@
-"""Chained sparse kernels (``xnext`` / ``xready`` of csr.chain_kernel) vs the NumPy reference.
+"""Chained sparse kernels (``xnext`` / ``xready`` / ``xres`` of csr.chain_kernel) vs the NumPy reference.
 
 A producer writes ``act(X @ W + bias)`` transposed into the next kernel's workspace, a consumer
 reads its input from there instead of transposing X; chains of two and three kernels, CSR and
@@ -31,6 +31,19 @@ def step(block, K, M):
     return C.chain_kernel(r, c, C.lanes_for(M, lanes)), pack, C.workspace_shapes(M, max(r, kp), lanes), lanes
 
 
+def to_feature_major(a, lanes, rows):
+    """``a [M, N]`` as ``[ceil(M / lanes), rows >= N, lanes]``, row ``t`` at ``[t // lanes, :, t % lanes]``;
+    NaN in the lanes past M and the rows past N (a kernel must not read them into a result)."""
+    M, N = a.shape
+    nch = -(-M // lanes)
+    fm = aligned_empty((nch, rows, lanes))
+    fm[:] = np.nan
+    full = np.full((nch * lanes, N), np.nan, np.float32)
+    full[:M] = a
+    fm[:, :N, :] = full.reshape(nch, lanes, N).transpose(0, 2, 1)
+    return fm
+
+
 def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res, parts=None):
     """X [M, dims[0]] through len(blocks) chained sparse Dense; checks every link against the reference
     applied to the link's actual input (the previous kernel's result read back from its workspace).
@@ -50,7 +63,7 @@ def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res, parts=None):
             *packed, order = C.traversal_order(packed, N, block[1], M, lanes, parts)
         bias = rng.uniform(-1, 1, N).astype(np.float32) if use_bias else None
         last = i == nlinks - 1
-        res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res and last else None
+        res = rng.uniform(-1, 1, (M, N)).astype(np.float32) if use_res else None
         ot = aligned_empty(so)
         ot[:] = np.nan
         ref = dense_ref(x, W, bias, res, activation=ACTS[acts[i]])
@@ -65,8 +78,9 @@ def run_chain(seed, M, dims, blocks, dens, acts, use_bias, use_res, parts=None):
         else:
             xnext = C.chain_workspace(M, N, lanes)
             xnext[:] = np.nan  # stale values must never be read
-            kernel(X if i == 0 else x_rows, *packed, bias, None, np.empty((0, N), np.float32), acts[i], xt, ot, xnext, i > 0, order)
             nch = -(-M // lanes)
+            xres = None if res is None else to_feature_major(res, lanes, xnext.shape[1])  # the residual in xnext's layout
+            kernel(X if i == 0 else x_rows, *packed, bias, None, np.empty((0, N), np.float32), acts[i], xt, ot, xnext, i > 0, order, xres)
             y = xnext[:nch, :N].transpose(0, 2, 1).reshape(nch * lanes, N)[:M]  # back to row-major
             np.testing.assert_allclose(y, ref, **tol)
             assert not np.any(xnext[:nch, N:, : C.lanes_for(M, lanes)])  # the next kernel's K padding
@@ -108,6 +122,19 @@ def test_chain_workspace_checked():
     with pytest.raises(ValueError, match="xnext"):
         kernel(np.ones((20, 8), np.float32), *pack(W), None, None, np.empty((0, 5), np.float32), C.ACT_NONE,
                aligned_empty(sx), aligned_empty(so), np.ascontiguousarray(small), False, C.NO_ORDER)  # fmt: skip
+
+
+def test_chain_refuses_a_residual_in_the_wrong_layout():
+    kernel, pack, (sx, so), lanes = step((1, 1), 8, 20)
+    W = np.ones((8, 5), np.float32)
+    x, nowhere = np.ones((20, 8), np.float32), np.empty((0, 5), np.float32)
+    xres = to_feature_major(np.ones((20, 5), np.float32), lanes, 8)
+    with pytest.raises(ValueError, match="xres"):  # without xnext
+        kernel(x, *pack(W), None, None, np.empty((20, 5), np.float32), C.ACT_NONE, aligned_empty(sx), aligned_empty(so), C.NO_NEXT, False,
+               C.NO_ORDER, xres)  # fmt: skip
+    with pytest.raises(ValueError, match="xres"):  # fewer rows than N
+        kernel(x, *pack(W), None, None, nowhere, C.ACT_NONE, aligned_empty(sx), aligned_empty(so), C.chain_workspace(20, 5, lanes), False,
+               C.NO_ORDER, np.ascontiguousarray(xres[:, :4]))  # fmt: skip
 
 
 def test_chain_refuses_a_residual_with_xnext():
