@@ -6,7 +6,18 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sparseinfer.graph import reference
-from sparseinfer.kernels.attention import attention, attention_packed, exp_nonpositive, make_workspace
+from sparseinfer.kernels.attention import (
+    attention,
+    attention_fm,
+    attention_fm_packed,
+    attention_packed,
+    exp_nonpositive,
+    fm_supported,
+    fm_workspace_shapes,
+    make_fm_workspace,
+    make_workspace,
+)
+from sparseinfer.kernels.sparse_formats import aligned_empty
 from tests.tolerances import tolerance
 
 F32_MIN = np.finfo(np.float32).min  # the additive "masked" value exporters write (-3.4e38)
@@ -244,3 +255,181 @@ def test_fewer_queries_than_keys(rows, mask_kind):
     out = attention(q, qkv, qkv, mask, B, S, H, D, 0.25, 0, hd, 2 * hd)
     want = full.reshape(B, S, hd)[:, rows].reshape(B * len(rows), hd)
     np.testing.assert_allclose(out, want, **tolerance("attention", np.float32, k=D))
+
+
+# --------------------------------------------------------------------------
+# feature-major input (attention_fm): src[t // L, n, t % L] = x[t, n]
+# --------------------------------------------------------------------------
+
+
+def to_fm(x, L, extra_rows=0, extra_chunks=0):
+    """The feature-major layout a sparse Dense writes, NaN in the lanes past the last token, in
+    ``extra_rows`` features past those of ``x`` and in ``extra_chunks`` chunks past the last."""
+    M, N = x.shape
+    nch = -(-M // L) + extra_chunks
+    fm = aligned_empty((nch, N + extra_rows, L), np.float32)
+    fm[...] = np.nan
+    t = np.arange(M)
+    fm[t // L, :N, t % L] = x
+    return fm
+
+
+def from_fm(fm, M, N):
+    """Rows ``0..M``, features ``0..N`` of a feature-major array, as a row-major [M, N] array."""
+    t = np.arange(M)
+    return fm[t // fm.shape[2], :N, t % fm.shape[2]]
+
+
+def run_fm(qkv, mask, B, S, H, D, L, cols, fm_out, extra_rows=0, extra_out_rows=0, extra_chunks=0):
+    """attention_fm on ``qkv`` in the feature-major layout (garbage workspace, NaN-filled output);
+    the result as a row-major [B*S, H*D] array, and the raw output."""
+    hd = H * D
+    src = to_fm(qkv, L, extra_rows, extra_chunks)
+    ws = make_fm_workspace(S, D)
+    for w in ws:
+        w[...] = np.nan
+    if fm_out:
+        out = np.full((-(-B * S // L) + extra_chunks, hd + extra_out_rows, L), np.nan, np.float32)
+    else:
+        out = np.full((B * S, hd), np.nan, np.float32)
+    got = attention_fm(src, mask, B, S, H, D, q_col=cols[0], k_col=cols[1], v_col=cols[2], out=out, fm_out=fm_out, workspace=ws)
+    assert got is out
+    return (from_fm(out, B * S, hd) if fm_out else out), out
+
+
+def packed_rows(qkv, mask, B, S, H, D, cols):
+    out = np.empty((B * S, H * D), np.float32)
+    attention(qkv, qkv, qkv, mask, B, S, H, D, q_col=cols[0], k_col=cols[1], v_col=cols[2], out=out)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(1, 3),
+    S=st.sampled_from([32, 64, 96, 128]),
+    H=st.integers(1, 3),
+    D=st.sampled_from([16, 32, 48, 64, 80]),
+    L=st.sampled_from([32, 64, 128]),
+    mask_kind=st.sampled_from(["none", "padded", "one_key", "real"]),
+    fm_out=st.booleans(),
+    extra=st.integers(0, 33),
+)
+@example(seed=0, B=1, S=128, H=2, D=64, L=64, mask_kind="padded", fm_out=True, extra=0)
+@example(seed=1, B=3, S=32, H=2, D=16, L=128, mask_kind="one_key", fm_out=False, extra=5)
+@example(seed=2, B=2, S=96, H=1, D=80, L=32, mask_kind="real", fm_out=True, extra=17)
+def test_attention_fm_equals_packed_bitwise(seed, B, S, H, D, L, mask_kind, fm_out, extra):
+    """Feature-major Q, K, V (at shuffled feature offsets, NaN in the lanes past B*S, in extra
+    features and in an extra chunk): bit for bit the result of attention_packed on the row-major
+    equivalent, in both output layouts; the padding rows of a feature-major output are zeros."""
+    rng = np.random.default_rng(seed)
+    hd = H * D
+    qkv = rng.standard_normal((B * S, 3 * hd + extra)).astype(np.float32)
+    start = int(rng.integers(0, extra + 1))
+    order = rng.permutation(3)
+    cols = tuple(start + int(order[i]) * hd for i in range(3))
+    mask = make_mask(rng, mask_kind, B, S)
+    got, raw = run_fm(qkv, mask, B, S, H, D, L, cols, fm_out, extra_rows=extra % 7, extra_out_rows=extra, extra_chunks=seed % 2)
+    np.testing.assert_array_equal(got, packed_rows(qkv, mask, B, S, H, D, cols))
+    np.testing.assert_allclose(
+        got, expected(qkv, qkv, qkv, mask, B, S, H, D, 1.0 / np.sqrt(D), *cols), **tolerance("attention", np.float32, k=D)
+    )
+    if fm_out:
+        np.testing.assert_array_equal(raw[:, hd:], 0.0)
+
+
+@pytest.mark.parametrize("fm_out", [False, True])
+def test_attention_fm_bert_shape_fully_masked_row(fm_out):
+    """BERT-base (L = 64): a padded batch row and a batch row whose every key has the float32
+    minimum (uniform weights), equal to attention_packed bit for bit."""
+    rng = np.random.default_rng(21)
+    B, S, H, D, L = 3, 128, 12, 64, 64
+    hd = H * D
+    qkv = rng.standard_normal((B * S, 3 * hd)).astype(np.float32)
+    mask = np.zeros((B, S), np.float32)
+    mask[0, 100:] = F32_MIN
+    mask[1] = F32_MIN
+    cols = (0, hd, 2 * hd)
+    got, raw = run_fm(qkv, mask, B, S, H, D, L, cols, fm_out, extra_out_rows=64 if fm_out else 0)
+    want = packed_rows(qkv, mask, B, S, H, D, cols)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, expected(qkv, qkv, qkv, mask, B, S, H, D, 0.125, *cols), **tolerance("attention", np.float32, k=D))
+    if fm_out:
+        assert raw.shape == (6, hd + 64, L)
+        np.testing.assert_array_equal(raw[:, hd:], 0.0)
+
+
+def test_attention_fm_output_lanes_past_the_tokens_untouched():
+    """B*S = 96 tokens in chunks of 64 lanes: lanes 32..64 of the last chunk's context rows keep
+    what they held; its padding rows are zero in every lane."""
+    rng = np.random.default_rng(22)
+    B, S, H, D, L = 1, 96, 2, 32, 64
+    hd = H * D
+    qkv = rng.standard_normal((B * S, 3 * hd)).astype(np.float32)
+    got, raw = run_fm(qkv, None, B, S, H, D, L, (0, hd, 2 * hd), True, extra_out_rows=16)
+    np.testing.assert_array_equal(got, packed_rows(qkv, None, B, S, H, D, (0, hd, 2 * hd)))
+    assert np.isnan(raw[1, :hd, 32:]).all()
+    np.testing.assert_array_equal(raw[:, hd:], 0.0)
+
+
+def test_attention_fm_result_does_not_depend_on_thread_count():
+    rng = np.random.default_rng(23)
+    B, S, H, D, L = 2, 64, 3, 48, 32
+    hd = H * D
+    src = to_fm(rng.standard_normal((B * S, 3 * hd)).astype(np.float32), L)
+    mask = make_mask(rng, "padded", B, S)
+    vp, pw = make_fm_workspace(S, D, 2)
+    outs = []
+    for nth in (1, 2):
+        rows = np.empty((B * S, hd), np.float32)
+        fm = np.empty((B * S // L, hd + 16, L), np.float32)
+        none_fm = np.empty((0, 0, 0), np.float32)
+        none_rows = np.empty((0, hd), np.float32)
+        attention_fm_packed(src, 0, hd, 2 * hd, mask, B, S, H, D, np.float32(0.25), rows, none_fm, vp, pw, nth)
+        attention_fm_packed(src, 0, hd, 2 * hd, mask, B, S, H, D, np.float32(0.25), none_rows, fm, vp, pw, nth)
+        outs.append((rows, fm))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    np.testing.assert_array_equal(from_fm(outs[0][1], B * S, hd), outs[0][0])
+
+
+def test_fm_supported_and_workspace_shapes():
+    assert fm_supported(128, 64, 64) and fm_supported(32, 16, 32) and fm_supported(384, 80, 128)
+    for S, D, L in [(0, 64, 64), (48, 64, 64), (130, 64, 64), (128, 0, 64), (128, 72, 64), (128, 64, 16), (128, 64, 48)]:
+        assert not fm_supported(S, D, L)
+    assert fm_workspace_shapes(128, 64, 2) == ((2, 144, 64), (2, 10, 128))
+    assert fm_workspace_shapes(64, 16, 1) == ((1, 80, 32), (1, 10, 64))
+
+
+def test_attention_fm_rejects_bad_input():
+    rng = np.random.default_rng(24)
+    B, S, H, D, L = 2, 32, 2, 16, 32
+    hd = H * D
+    src = to_fm(rng.standard_normal((B * S, 3 * hd)).astype(np.float32), L)
+    args = (None, B, S, H, D)
+    kw = {"q_col": 0, "k_col": hd, "v_col": 2 * hd}
+    attention_fm(src, *args, **kw)
+    attention_fm(src, *args, fm_out=True, **kw)
+    bad = [
+        ((src.astype(np.float64), *args), kw),  # dtype
+        ((src[:, :, :16], *args), kw),  # not C-contiguous
+        ((src.reshape(2, -1), *args), kw),  # not 3-D
+        ((src[:1], *args), kw),  # 32 tokens for B*S = 64
+        ((src, None, B, 48, H, D), kw),  # S not a multiple of 32
+        ((src, None, B, S, H, 8), kw),  # D not a multiple of 16
+        ((to_fm(np.zeros((B * S, 3 * hd), np.float32), 16), *args), kw),  # L = 16
+        ((src, *args), {**kw, "v_col": 2 * hd + 1}),  # past the features
+        ((src, *args), {**kw, "q_col": -1}),
+        ((src, np.zeros((B, S + 1), np.float32), B, S, H, D), kw),  # mask shape
+        ((src, *args), {**kw, "out": np.empty((B * S, hd + 1), np.float32)}),
+        ((src, *args), {**kw, "out": np.empty((B * S, hd), np.float64)}),
+        ((src, *args), {**kw, "fm_out": True, "out": np.empty((B * S // L, hd - 1, L), np.float32)}),
+        ((src, *args), {**kw, "fm_out": True, "out": np.empty((1, hd, L), np.float32)}),
+        ((src, *args), {**kw, "fm_out": True, "out": np.empty((B * S // 64, hd, 64), np.float32)}),
+        ((src, *args), {**kw, "fm_out": True, "out": np.empty((B * S, hd), np.float32)}),
+        ((src, *args), {**kw, "workspace": make_fm_workspace(S + 32, D)}),
+        ((src, *args), {**kw, "workspace": make_workspace(S, D)[1:]}),
+    ]
+    for a, k in bad:
+        with pytest.raises(ValueError):
+            attention_fm(*a, **k)
