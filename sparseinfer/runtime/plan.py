@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from ..graph import Graph, Node
@@ -26,9 +27,10 @@ from ..kernels import elementwise as k_elementwise
 from ..kernels import norm as k_norm
 from ..kernels.sparse_formats import aligned_empty
 from .embedding_lowering import lower_attention_mask_row, lower_embedding
+from .feature_major import find_feature_major
 from .int8_lowering import find_attention_chains, find_int8_chains, lower_dense_int8
 from .quant_lowering import lower_integer_matmul, lower_qdense
-from .sparse_lowering import find_chains, lower_sparse_dense
+from .sparse_lowering import lower_sparse_dense
 
 _DENSE_ACT = {"none": k_dense.ACT_NONE, "gelu": k_dense.ACT_GELU, "tanh": k_dense.ACT_TANH, "relu": k_dense.ACT_RELU}
 
@@ -83,7 +85,9 @@ class Plan:
         self.weights = weights or WeightCache()
         self.workspaces: dict[str, tuple[int, ...]] = {}  # per-arena float32 scratch arrays kernels ask for
         # sparse Dense pairs sharing a workspace (fp32, and int8 pairs on the sparse int8 kernel)
-        self.sparse_chains = {**find_chains(graph), **find_int8_chains(self)} if chain_sparse else {}
+        # fp32 activations held feature-major between the steps that read and write them so
+        self.feature_major = find_feature_major(self) if chain_sparse else {}
+        self.sparse_chains = {**find_int8_chains(self)} if chain_sparse else {}
         if chain_sparse:  # and fused Q/K/V projections handed to the int8 attention transposed
             self.sparse_chains.update(find_attention_chains(self, self.sparse_chains))
         self.steps = [self._lower(n) for n in graph.nodes]
@@ -107,7 +111,7 @@ class Plan:
             return lower(self, node) or self._reference(node)
         elif node.domain == ENGINE_DOMAIN and node.op == "Attention":
             step = self._lower_attention(node)
-        elif node.domain == "" and node.op == "LayerNormalization" and len(node.outputs) == 1 and _last_axis(g, node):
+        elif node.domain == "" and node.op == "LayerNormalization":
             step = self._lower_layernorm(node)
         elif node.domain == "" and node.op == "Gather" and g.const(node.inputs[1]) is not None:
             step = self._lower_gather(node)
@@ -161,23 +165,26 @@ class Plan:
         return lower_sparse_dense(self, node, layout, ops)
 
     def _lower_layernorm(self, node: Node) -> Step:
-        g = self.graph
-        x, gamma = node.inputs[:2]
-        beta = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-        if g.const(gamma) is None or (beta is not None and g.const(beta) is None):
+        ops = layernorm_operands(self.graph, node)
+        if ops is None:
             return None
-        n = g.info(x).shape[-1]
-        try:  # ONNX lets scale and bias broadcast (e.g. shape [1]); the kernel reads n of each
-            gm = np.ascontiguousarray(np.broadcast_to(g.const(gamma).reshape(-1), (n,)), np.float32)
-            bt = (
-                np.zeros(n, np.float32)
-                if beta is None
-                else np.ascontiguousarray(np.broadcast_to(g.const(beta).reshape(-1), (n,)), np.float32)
+        x, gm, bt, eps = ops
+        fm_in, fm_out = x in self.feature_major, node.outputs[0] in self.feature_major
+        if not fm_in and not fm_out:
+            return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _out_rows(out)))
+        m = int(np.prod(self.graph.info(x).shape[:-1]))
+        no_rows, no_fm = np.empty((0, gm.size), np.float32), np.empty((0, 0, 0), np.float32)
+        if not fm_in:  # row-major in (e.g. the embeddings' sum), feature-major out
+            return self._kernel(
+                node, lambda env, out, arena: k_norm.layernorm_rows_fm(_rows(env[x]), gm, bt, eps, out, numba.get_num_threads())
             )
-        except ValueError:
-            return None
-        eps = np.float32(node.attrs.get("epsilon", 1e-5))
-        return self._kernel(node, lambda env, out, arena: k_norm.layernorm_packed(_rows(env[x]), None, gm, bt, eps, _out_rows(out)))
+        if fm_out:
+            return self._kernel(
+                node, lambda env, out, arena: k_norm.layernorm_fm(env[x], gm, bt, eps, out, no_rows, m, numba.get_num_threads())
+            )
+        return self._kernel(
+            node, lambda env, out, arena: k_norm.layernorm_fm(env[x], gm, bt, eps, no_fm, _out_rows(out), m, numba.get_num_threads())
+        )
 
     def _lower_gather(self, node: Node) -> Step | None:
         """A Gather of float32 data with constant, in-range indices: a copy kernel (a reference
@@ -218,6 +225,8 @@ class Plan:
         scale = np.float32(node.attrs["scale"])
         # the int8 kernel (kernels/attention_int8.py) takes as many queries as keys; a step with
         # fewer queries runs the fp32 kernel (quantize="int8" allows int8, it does not require it)
+        if q in self.feature_major:  # Q, K and V read feature-major (runtime/feature_major.py)
+            return self._lower_attention_fm(node, mask, b, s, h, d, cols)
         int8 = node.attrs.get("quantize") == "int8" and sq == s
         kmod = k_attention_int8 if int8 else k_attention
         nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
@@ -229,16 +238,12 @@ class Plan:
         ws_names = [f"{tag}__ws{i}__{'x'.join(map(str, shape))}" for i, shape in enumerate(shapes)]
         self.workspaces.update(zip(ws_names, shapes))
 
-        per_row_mask = mask is not None and (ms[0], ms[3]) == (b, s)  # nothing to broadcast
         key = object()
         chain = self.sparse_chains.get(q)  # Q, K, V transposed in a workspace (find_attention_chains)
         chain = chain.workspace if chain is not None and chain.consumer is node else None
 
         def call(env, out, arena):
-            m = None
-            if mask is not None:
-                m = env[mask].reshape(ms[0], ms[3])
-                m = np.ascontiguousarray(m if per_row_mask else np.broadcast_to(m, (b, s)), np.float32)
+            m = None if mask is None else _mask_rows(env[mask], ms, b, s)
             wss = arena.derived(key, lambda a: [a[n] for n in ws_names])
             threads = max(1, min(k_attention.numba.get_num_threads(), wss[0].shape[0], b * h))
             if chain is not None:
@@ -255,6 +260,29 @@ class Plan:
 
         flops = 4 * b * h * sq * s * d
         return self._kernel(node, call, flops)
+
+    def _lower_attention_fm(self, node: Node, mask: str | None, b: int, s: int, h: int, d: int, cols: list[int]) -> Step:
+        """An fp32 attention reading its fused Q/K/V projection feature-major, writing the context
+        feature-major too when its reader takes it so (:func:`~sparseinfer.kernels.attention.attention_fm_packed`)."""
+        q = node.inputs[0]
+        ms = self.graph.info(mask).shape if mask is not None else None
+        scale = np.float32(node.attrs["scale"])
+        nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
+        shapes = k_attention.fm_workspace_shapes(s, d, nth)
+        ws_names = [f"Attention_fm__ws{i}__{'x'.join(map(str, shape))}" for i, shape in enumerate(shapes)]
+        self.workspaces.update(zip(ws_names, shapes))
+        fm_out = node.outputs[0] in self.feature_major
+        no_rows, no_fm = np.empty((0, h * d), np.float32), np.empty((0, 0, 0), np.float32)
+        key = object()
+
+        def call(env, out, arena):
+            m = None if mask is None else _mask_rows(env[mask], ms, b, s)
+            wss = arena.derived(key, lambda a: [a[n] for n in ws_names])
+            threads = max(1, min(k_attention.numba.get_num_threads(), wss[0].shape[0], b * h))
+            rows, fm = (no_rows, out) if fm_out else (_out_rows(out), no_fm)
+            k_attention.attention_fm_packed(env[q], *cols, m, b, s, h, d, scale, rows, fm, *wss, threads)
+
+        return self._kernel(node, call, 4 * b * h * s * s * d)
 
     # ------------------------------------------------------------------ buffers
     def _aliases(self) -> dict[str, frozenset[str]]:
@@ -294,7 +322,7 @@ class Plan:
             if st.kind == "kernel" and st.buffer:
                 out = st.node.outputs[0]
                 info = g.info(out)
-                need = int(np.prod(info.shape)) * info.dtype.itemsize
+                need = int(np.prod(self.feature_major.get(out, info.shape))) * info.dtype.itemsize
                 fits = sorted((plan.slot_bytes[s], s) for s in free if plan.slot_bytes[s] >= need)
                 if fits:
                     slot = fits[0][1]
@@ -319,8 +347,9 @@ class Plan:
         arena = Arena()
         for name, slot in self.buffers.slot_of.items():
             info = g.info(name)
-            count = int(np.prod(info.shape))
-            arena[name] = slots[slot][: count * info.dtype.itemsize].view(info.dtype).reshape(info.shape)
+            shape = self.feature_major.get(name, info.shape)
+            count = int(np.prod(shape))
+            arena[name] = slots[slot][: count * info.dtype.itemsize].view(info.dtype).reshape(shape)
         for name, shape in self.workspaces.items():
             arena[name] = aligned_empty(shape, np.float32)  # 64-byte aligned: the kernels load whole cache lines
         return arena
@@ -362,6 +391,29 @@ class DenseOperands:
     m: int
     k: int
     n: int
+
+
+def layernorm_operands(graph: Graph, node: Node) -> tuple[str, np.ndarray, np.ndarray, np.float32] | None:
+    """``(x, gamma, beta, eps)`` of a LayerNormalization the norm kernels run (over the last axis,
+    one output, float32 input, constant scale and bias of ``N`` values or broadcasting to them),
+    else None (the reference step runs it)."""
+    if node.domain != "" or node.op != "LayerNormalization" or len(node.outputs) != 1 or not _last_axis(graph, node):
+        return None
+    x, gamma = node.inputs[:2]
+    beta = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    if graph.info(x).dtype != np.float32 or graph.const(gamma) is None or (beta is not None and graph.const(beta) is None):
+        return None
+    n = graph.info(x).shape[-1]
+    try:  # ONNX lets scale and bias broadcast (e.g. shape [1]); the kernel reads n of each
+        gm = np.ascontiguousarray(np.broadcast_to(graph.const(gamma).reshape(-1), (n,)), np.float32)
+        bt = (
+            np.zeros(n, np.float32)
+            if beta is None
+            else np.ascontiguousarray(np.broadcast_to(graph.const(beta).reshape(-1), (n,)), np.float32)
+        )
+    except ValueError:
+        return None
+    return x, gm, bt, np.float32(node.attrs.get("epsilon", 1e-5))
 
 
 def attention_mask_ok(graph: Graph, node: Node) -> bool:
@@ -418,6 +470,12 @@ def _rows(a: np.ndarray) -> np.ndarray:
 def _out_rows(a: np.ndarray) -> np.ndarray:
     """The [rows, last dim] view of an output buffer (arena buffers are contiguous: never a copy)."""
     return a.reshape(-1, a.shape[-1])
+
+
+def _mask_rows(mask: np.ndarray, ms: tuple[int, ...], b: int, s: int) -> np.ndarray:
+    """An attention step's additive mask ``[B or 1, 1, 1, S or 1]`` as the kernels take it: float32 ``[B, S]``."""
+    m = mask.reshape(ms[0], ms[3])
+    return np.ascontiguousarray(m if (ms[0], ms[3]) == (b, s) else np.broadcast_to(m, (b, s)), np.float32)
 
 
 def _last_axis(graph: Graph, node: Node) -> bool:

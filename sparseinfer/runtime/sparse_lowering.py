@@ -1,21 +1,16 @@
-"""Lower a Dense node whose weight the layout pass stored as CSR or r x c blocks, and chain
-consecutive sparse Dense steps through the kernels' transposed workspace.
+"""Lower a Dense node whose weight the layout pass stored as CSR or r x c blocks.
 
-The sparse kernels compute ``out.T = W.T @ X.T``: they transpose their input into a workspace
-``xt`` and their result back into row-major ``out`` (:mod:`sparseinfer.kernels.csr`). When a
-sparse Dense's output is read by nothing but one other sparse Dense, as its ``x`` input, and is
-not a graph output (BERT's feed-forward pair: FF1 768 -> 3072 with GELU, read only by FF2
-3072 -> 768), both transposes of the intermediate are wasted. Such a pair is *chained*: the
-producer writes its result, bias and activation applied, straight into the consumer's ``xt``
-(the kernel's ``xnext`` mode) and the consumer skips its input transposition (``xready``). The
-intermediate tensor then never exists in row-major form: the plan gives it no arena buffer and
-it is never in a run's ``env``. A chain needs a producer without residual (the residual is
-row-major) and both kernels with the same row chunk (``chunk_rows`` of the block width, the
-rows and the threads: 64 for CSR at 128 rows and 2 threads), so that one ``xt`` layout serves
-both; otherwise each step is lowered on its own.
+The sparse kernels compute ``out.T = W.T @ X.T``: a step transposes its input into a workspace
+``xt`` and its result back into row-major ``out`` (:mod:`sparseinfer.kernels.csr`), unless the
+plan keeps the value feature-major (:mod:`sparseinfer.runtime.feature_major`): then the input is
+the kernel's ``xt`` itself (``xready``), the result goes straight into the output's
+feature-major buffer (``xnext``, bias and activation applied) and a feature-major residual is
+added there (``xres``). BERT's feed-forward intermediate (FF1 768 -> 3072 with GELU, read only
+by FF2) never exists row-major; nor, when the steps around them take the layout, do the
+residual stream, the Q/K/V projection and the context.
 
-The chained ``xt`` lives in the plan's per-arena workspaces. Chains of the same shape whose
-live ranges (producer step to consumer step) do not overlap share one array.
+Pairs of steps on the sparse int8 kernel (:mod:`sparseinfer.runtime.int8_lowering`)
+share a workspace instead (:func:`link_chains`).
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Chain:
-    """A producer -> consumer pair of sparse Dense steps sharing the consumer's ``xt``."""
+    """A producer -> consumer pair of steps sharing a workspace (the sparse int8 kernel: int8_lowering)."""
 
     value: str  # the intermediate tensor (producer output, consumer x)
     producer: Node
@@ -113,25 +108,6 @@ def chunk_lanes(c: int, m: int) -> int:
     return k_bsr.chunk_rows(c, m, k_csr.numba.config.NUMBA_NUM_THREADS)
 
 
-def find_chains(graph: Graph) -> dict[str, Chain]:
-    """The chainable producer -> consumer pairs of fp32 sparse Dense nodes, by intermediate value."""
-    from .plan import dense_operands
-
-    def link(node: Node, consumer: Node) -> tuple[str, tuple[int, ...]] | None:
-        bp, bq = sparse_block(graph, node), sparse_block(graph, consumer)
-        if bp is None or bq is None:
-            return None
-        p, q = dense_operands(graph, node), dense_operands(graph, consumer)
-        lanes = chunk_lanes(bp[1], p.m)
-        if p.residual is not None or lanes != chunk_lanes(bq[1], q.m) or p.m != q.m or q.k != p.n:
-            return None
-        if p.m <= k_csr.FEW_ROWS and (1, 1) in (bp, bq):  # CSR on a few rows: few_rows_kernel, row-major
-            return None
-        return "Sparse", k_csr.chain_workspace(p.m, p.n, lanes).shape
-
-    return link_chains(graph, link)
-
-
 def engine_pack(weight: np.ndarray, block: tuple[int, int] | None, m: int, lanes: int, parts: int):
     """The pack a sparse Dense step on ``m`` rows in ``lanes``-row chunks and ``parts`` parts
     hands its kernel: CSR (``block`` None) or ``r x c`` blocks in K panels of 64 KiB of the
@@ -147,8 +123,9 @@ def engine_pack(weight: np.ndarray, block: tuple[int, int] | None, m: int, lanes
 
 
 def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) -> Step:
-    """The kernel step of a sparse Dense; chained to its neighbours where ``plan.sparse_chains`` says."""
-    from .plan import Step, _out_rows, _rows
+    """The kernel step of a sparse Dense, reading and writing feature-major where
+    ``plan.feature_major`` says (:mod:`sparseinfer.runtime.feature_major`)."""
+    from .plan import _out_rows, _rows
 
     m, k, n, weight = ops.m, ops.k, ops.n, ops.weight
     if layout == "csr" and m <= k_csr.FEW_ROWS:
@@ -167,29 +144,27 @@ def lower_sparse_dense(plan: Plan, node: Node, layout: str, ops: DenseOperands) 
     parts = ot_shape[0]
     key = ("sparse", ops.w, block) + ((xt_shape[0], parts, lanes) if c == 1 else ())
     indptr, indices, data, order = plan.weights.get(key, lambda: engine_pack(weight, block, m, lanes, parts))
-    src = plan.sparse_chains.get(ops.x)
-    src = src if src is not None and src.consumer is node else None
-    dst = plan.sparse_chains.get(node.outputs[0])
+    fm = plan.feature_major
+    fm_x, fm_out = ops.x in fm, node.outputs[0] in fm
+    fm_res = ops.residual is not None and ops.residual in fm
     ws = [f"Sparse__ws{i}__{'x'.join(map(str, s))}" for i, s in enumerate((xt_shape, ot_shape))]
-    if src is not None:
-        ws[0] = src.workspace
     for name, shape in zip(ws, (xt_shape, ot_shape)):
-        plan.workspaces.setdefault(name, shape)
-    if dst is not None:
-        plan.workspaces[dst.workspace] = dst.shape
+        if not (name == ws[0] and fm_x):  # a feature-major x is the kernel's xt itself
+            plan.workspaces.setdefault(name, shape)
     x_rows = np.empty((m, 0), np.float32)  # only its row count is read when X.T is ready in xt
+    no_out = np.empty((0, n), np.float32)  # only its column count is read when the result goes to xnext
     flops = 2 * m * int(np.count_nonzero(weight))
 
     def run(env, out, arena):
-        x = x_rows if src is not None else _rows(env[ops.x])
-        res = None if ops.residual is None else _rows(env[ops.residual])
-        xnext = k_csr.NO_NEXT if dst is None else arena[dst.workspace]
-        kernel(x, indptr, indices, data, ops.bias, res, out, ops.act, arena[ws[0]], arena[ws[1]], xnext, src is not None, order)
+        x, xt = (x_rows, env[ops.x]) if fm_x else (_rows(env[ops.x]), arena[ws[0]])
+        res = None if ops.residual is None or fm_res else _rows(env[ops.residual])
+        xres = env[ops.residual] if fm_res else None
+        if fm_out:
+            kernel(x, indptr, indices, data, ops.bias, res, no_out, ops.act, xt, arena[ws[1]], out, fm_x, order, xres)
+        else:
+            kernel(x, indptr, indices, data, ops.bias, res, _out_rows(out), ops.act, xt, arena[ws[1]], k_csr.NO_NEXT, fm_x, order)
 
-    if dst is None:
-        return plan._kernel(node, lambda env, out, arena: run(env, _out_rows(out), arena), flops)
-    no_out = np.empty((0, n), np.float32)  # only its column count is read: the result goes to xnext
-    return Step(node, "kernel", lambda env, arena: run(env, no_out, arena), flops, buffer=False)
+    return plan._kernel(node, run, flops)
 
 
 def _lower_few_rows(plan: Plan, node: Node, ops: DenseOperands) -> Step:
