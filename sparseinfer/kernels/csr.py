@@ -66,10 +66,13 @@ staged in a stack buffer and copied out row by row).
 Chaining (:func:`chain_kernel`): with ``xnext`` a call writes its finished
 columns, bias and activation applied, straight into the ``xt`` workspace of
 the next call (``xnext[ch, n, :] = act(X @ W + bias)[ch * lanes:, n]`` is the
-accumulator itself, no transpose), and with ``xready`` a call skips step 1.
-The plan chains a sparse Dense whose output only feeds another sparse Dense
-(BERT's FF1 -> FF2, :mod:`sparseinfer.runtime.sparse_lowering`): the
-768 x 3072 intermediate is never transposed out and back in.
+accumulator itself, no transpose), with ``xready`` a call skips step 1, and
+``xres`` adds a residual held in that layout.  The plan keeps a value in
+this feature-major layout when its producer and all its readers take it
+(:mod:`sparseinfer.runtime.feature_major`): in BERT the feed-forward
+intermediate and, with the LayerNorm and attention kernels' feature-major
+variants, the residual stream, the Q/K/V projection and the context, so that
+no sparse step transposes its input or its result.
 
 Measured (``benchmarks/results/sparse_breakeven.md``; Zen 5, 2 threads,
 M = 128, the four BERT-base shapes, 10% density): 3.3x faster than the
