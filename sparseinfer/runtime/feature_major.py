@@ -106,7 +106,7 @@ def find_feature_major(plan: Plan) -> dict[str, tuple[int, int, int]]:
             if name:
                 readers.setdefault(name, []).append(node)
     outputs = set(graph.outputs)
-    fm = {v for v in producer if v not in outputs and graph.info(v).rank and graph.info(v).rank >= 2}
+    fm = {v for v in producer if v not in outputs and (graph.info(v).rank or 0) >= 2}
 
     def reads_fm(node: Node, value: str) -> bool:
         slots = [i for i, name in enumerate(node.inputs) if name == value]

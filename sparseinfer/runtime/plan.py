@@ -84,10 +84,11 @@ class Plan:
         self.graph = graph
         self.weights = weights or WeightCache()
         self.workspaces: dict[str, tuple[int, ...]] = {}  # per-arena float32 scratch arrays kernels ask for
-        # sparse Dense pairs sharing a workspace (fp32, and int8 pairs on the sparse int8 kernel)
+        # chain_sparse=False: every value row-major, no workspace shared between steps (for comparisons)
         # fp32 activations held feature-major between the steps that read and write them so
         self.feature_major = find_feature_major(self) if chain_sparse else {}
-        self.sparse_chains = {**find_int8_chains(self)} if chain_sparse else {}
+        # pairs of steps on the sparse int8 kernel sharing a workspace
+        self.sparse_chains = find_int8_chains(self) if chain_sparse else {}
         if chain_sparse:  # and fused Q/K/V projections handed to the int8 attention transposed
             self.sparse_chains.update(find_attention_chains(self, self.sparse_chains))
         self.steps = [self._lower(n) for n in graph.nodes]
@@ -223,10 +224,10 @@ class Plan:
             return None  # a mask varying per query row (or head): the reference handles it
         ms = g.info(mask).shape if mask is not None else None
         scale = np.float32(node.attrs["scale"])
-        # the int8 kernel (kernels/attention_int8.py) takes as many queries as keys; a step with
-        # fewer queries runs the fp32 kernel (quantize="int8" allows int8, it does not require it)
         if q in self.feature_major:  # Q, K and V read feature-major (runtime/feature_major.py)
             return self._lower_attention_fm(node, mask, b, s, h, d, cols)
+        # the int8 kernel (kernels/attention_int8.py) takes as many queries as keys; a step with
+        # fewer queries runs the fp32 kernel (quantize="int8" allows int8, it does not require it)
         int8 = node.attrs.get("quantize") == "int8" and sq == s
         kmod = k_attention_int8 if int8 else k_attention
         nth = max(1, min(k_attention.numba.config.NUMBA_NUM_THREADS, b * h))
